@@ -1,0 +1,182 @@
+"""The DDPM forward process, training losses and samplers, as pure functions.
+
+Names follow the design document so that a user of the PyTorch version finds
+them. Every function takes the `DiffusionSchedule` and, where it needs
+randomness, an explicit PRNG key. The network enters as `denoise_fn(x, t)`,
+a function from noisy images [B, H, W, C] and int timesteps [B] to the
+predicted noise.
+"""
+from typing import Callable, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax.schedules import DiffusionSchedule
+
+DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+LOSS_TYPES = ("l1", "l2", "huber")
+
+
+def extract(a: jnp.ndarray, t: jnp.ndarray, x_shape: Sequence[int]) -> jnp.ndarray:
+    """a[t] reshaped to [B, 1, 1, ...] so it broadcasts against an x of `x_shape`."""
+    return a[t].reshape((t.shape[0],) + (1,) * (len(x_shape) - 1))
+
+
+def q_sample(schedule: DiffusionSchedule, x_start, t, noise):
+    """Sample x_t ~ q(x_t | x_0) in closed form (the "nice property")."""
+    return (extract(schedule.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+            + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+
+def loss_fn(noise, predicted_noise, loss_type: str = "l1"):
+    """The mean elementwise loss between true and predicted noise.
+
+    huber is PyTorch's `smooth_l1_loss` with beta 1.
+    """
+    diff = predicted_noise - noise
+    if loss_type == "l1":
+        return jnp.mean(jnp.abs(diff))
+    if loss_type == "l2":
+        return jnp.mean(diff ** 2)
+    if loss_type == "huber":
+        abs_diff = jnp.abs(diff)
+        return jnp.mean(jnp.where(abs_diff < 1.0, 0.5 * diff ** 2, abs_diff - 0.5))
+    raise ValueError(f"unknown loss_type {loss_type!r}; valid choices: {list(LOSS_TYPES)}")
+
+
+def p_losses(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x_start, t, noise,
+             loss_type: str = "l1"):
+    """The training loss of Algorithm 1 for given timesteps and noise."""
+    x_noisy = q_sample(schedule, x_start, t, noise)
+    return loss_fn(noise, denoise_fn(x_noisy, t), loss_type)
+
+
+def predict_start_from_noise(schedule: DiffusionSchedule, x_t, t, noise):
+    """x_0 implied by x_t and the noise that produced it."""
+    return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+            - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+
+
+def q_posterior(schedule: DiffusionSchedule, x_start, x_t, t
+                ) -> Tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+    mean = (extract(schedule.posterior_mean_coef1, t, x_t.shape) * x_start
+            + extract(schedule.posterior_mean_coef2, t, x_t.shape) * x_t)
+    variance = extract(schedule.posterior_variance, t, x_t.shape)
+    log_variance = extract(schedule.posterior_log_variance_clipped, t, x_t.shape)
+    return mean, variance, log_variance
+
+
+def p_mean(schedule: DiffusionSchedule, x, t, predicted_noise):
+    """The reverse-process mean of Equation 11, exactly as the design computes it."""
+    return extract(schedule.sqrt_recip_alphas, t, x.shape) * (
+        x - extract(schedule.betas, t, x.shape) * predicted_noise
+        / extract(schedule.sqrt_one_minus_alphas_cumprod, t, x.shape))
+
+
+def p_sample(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x, t, key):
+    """One step of Algorithm 2: x_{t-1} from x_t, with no noise where t == 0."""
+    model_mean = p_mean(schedule, x, t, denoise_fn(x, t))
+    noise = jax.random.normal(key, x.shape, x.dtype)
+    std = jnp.sqrt(extract(schedule.posterior_variance, t, x.shape))
+    nonzero = extract((jnp.arange(schedule.num_timesteps) > 0).astype(x.dtype), t, x.shape)
+    return model_mean + nonzero * std * noise
+
+
+def _initial_noise(shape, key, x_T):
+    """Split `key` into one for x_T and one for the steps; x_T is drawn unless given."""
+    init_key, loop_key = jax.random.split(key)
+    if x_T is None:
+        if shape is None:
+            raise ValueError("give either shape or x_T")
+        x_T = jax.random.normal(init_key, tuple(shape), jnp.float32)
+    elif shape is not None and tuple(shape) != tuple(x_T.shape):
+        raise ValueError(f"shape {tuple(shape)} does not match x_T.shape {tuple(x_T.shape)}")
+    return x_T, loop_key
+
+
+def p_sample_loop(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, shape, key,
+                  x_T: Optional[jnp.ndarray] = None, return_trajectory: bool = False):
+    """Algorithm 2 as one `lax.scan` from x_T ~ N(0, I) down to x_0.
+
+    The step at time t uses the key `fold_in(loop_key, t)`, so its noise does
+    not depend on how the loop is compiled or sharded. Returns x_0, or with
+    `return_trajectory` the T images after each step ([T, B, H, W, C], last is
+    x_0), like the design's list of images.
+    """
+    x, loop_key = _initial_noise(shape, key, x_T)
+    batch = x.shape[0]
+
+    def step(x, t):
+        x = p_sample(schedule, denoise_fn, x, jnp.full((batch,), t, jnp.int32),
+                     jax.random.fold_in(loop_key, t))
+        return x, (x if return_trajectory else None)
+
+    timesteps = jnp.arange(schedule.num_timesteps - 1, -1, -1, dtype=jnp.int32)
+    x, trajectory = jax.lax.scan(step, x, timesteps)
+    return trajectory if return_trajectory else x
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """`num_steps` evenly spaced timesteps from T-1 down to 0 (all T when equal)."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"DDIM num_steps must be in [1, {num_timesteps}], got {num_steps}")
+    return np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32))[::-1]
+
+
+def _one_minus_alphas_cumprod(schedule: DiffusionSchedule, t):
+    """1 - alpha_bar_t without cancellation; 0 for t = -1 (x_0)."""
+    return jnp.where(t >= 0, schedule.sqrt_one_minus_alphas_cumprod[jnp.maximum(t, 0)] ** 2, 0.0)
+
+
+def ddim_sigma(schedule: DiffusionSchedule, t, t_prev, eta):
+    """DDIM's noise scale between t and t_prev (t_prev = -1 means x_0).
+
+    1 - alpha_bar_t / alpha_bar_prev is 1 - prod(1 - beta_s) over (t_prev, t],
+    computed as -expm1(sum log1p(-beta_s)) because the plain float32 ratio loses
+    the ~1e-4 differences between neighbouring alpha_bars.
+    """
+    s = jnp.arange(schedule.num_timesteps)
+    in_range = (s > jnp.asarray(t_prev)[..., None]) & (s <= jnp.asarray(t)[..., None])
+    one_minus_ratio = -jnp.expm1(
+        jnp.sum(jnp.where(in_range, jnp.log1p(-schedule.betas), 0.0), axis=-1))
+    return eta * jnp.sqrt(_one_minus_alphas_cumprod(schedule, t_prev)
+                          / _one_minus_alphas_cumprod(schedule, t) * one_minus_ratio)
+
+
+def ddim_step(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x, t, t_prev, eta, key):
+    """One DDIM update x_t -> x_{t_prev} for scalar int timesteps t > t_prev >= -1."""
+    batch = x.shape[0]
+    predicted_noise = denoise_fn(x, jnp.full((batch,), t, jnp.int32))
+    x_start = (schedule.sqrt_recip_alphas_cumprod[t] * x
+               - schedule.sqrt_recipm1_alphas_cumprod[t] * predicted_noise)
+    sqrt_alpha_bar_prev = jnp.where(
+        t_prev >= 0, schedule.sqrt_alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
+    sigma = ddim_sigma(schedule, t, t_prev, eta)
+    direction = jnp.sqrt(jnp.maximum(
+        _one_minus_alphas_cumprod(schedule, t_prev) - sigma ** 2, 0.0)) * predicted_noise
+    noise = jax.random.normal(key, x.shape, x.dtype)
+    return sqrt_alpha_bar_prev * x_start + direction + sigma * noise
+
+
+def ddim_sample_loop(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, shape, key,
+                     num_steps: int, eta: float = 0.0, x_T: Optional[jnp.ndarray] = None,
+                     return_trajectory: bool = False):
+    """DDIM (Song et al. 2021) over `num_steps` of the T timesteps, as one `lax.scan`.
+
+    eta = 0 is deterministic given x_T; eta = 1 with all T steps has the DDPM
+    posterior variance. Returns x_0, or the `num_steps` images after each step.
+    """
+    x, loop_key = _initial_noise(shape, key, x_T)
+    ts = ddim_timesteps(schedule.num_timesteps, num_steps)
+    t_prevs = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+
+    def step(x, ts_pair):
+        t, t_prev = ts_pair
+        x = ddim_step(schedule, denoise_fn, x, t, t_prev, eta, jax.random.fold_in(loop_key, t))
+        return x, (x if return_trajectory else None)
+
+    x, trajectory = jax.lax.scan(step, x, (jnp.asarray(ts), jnp.asarray(t_prevs)))
+    return trajectory if return_trajectory else x
