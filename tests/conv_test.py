@@ -1,0 +1,97 @@
+"""ddpm_jax.conv.depthwise_conv2d equals the grouped lax convolution (flax nn.Conv) in value and gradient."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import conv
+
+
+def _reference(x, kernel, bias):
+    """What flax nn.Conv(C, (K, K), padding=K // 2, feature_group_count=C) computes."""
+    p = kernel.shape[0] // 2
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), [(p, p)] * 2,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     feature_group_count=x.shape[-1])
+    return y + bias
+
+
+def _inputs(shape, k, seed=0):
+    rng = np.random.default_rng(seed)
+    c = shape[-1]
+    x = rng.standard_normal(shape, dtype=np.float32)
+    kernel = rng.standard_normal((k, k, 1, c), dtype=np.float32) / k
+    bias = rng.standard_normal((c,), dtype=np.float32)
+    ct = rng.standard_normal(shape, dtype=np.float32)
+    return tuple(map(jnp.asarray, (x, kernel, bias, ct)))
+
+
+def _float64_reference(x, kernel, bias, ct):
+    """Output and gradients wrt (x, kernel, bias) of the depthwise conv, in float64 numpy."""
+    x, kernel, bias, ct = (np.asarray(a, np.float64) for a in (x, kernel, bias, ct))
+    k = kernel.shape[0]
+    p = k // 2
+    h, w = x.shape[1:3]
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    ctp = np.pad(ct, ((0, 0), (p, p), (p, p), (0, 0)))
+    y = bias + sum(xp[:, i:i + h, j:j + w] * kernel[i, j, 0] for i in range(k) for j in range(k))
+    dx = sum(ctp[:, i:i + h, j:j + w] * kernel[k - 1 - i, k - 1 - j, 0]
+             for i in range(k) for j in range(k))
+    dk = np.array([[(xp[:, i:i + h, j:j + w] * ct).sum((0, 1, 2)) for j in range(k)]
+                   for i in range(k)])[:, :, None, :]
+    return (y, dx, dk, ct.sum((0, 1, 2)))
+
+
+def _rel_err(actual, expected):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape
+    return np.abs(actual - expected).max() / np.abs(expected).max()
+
+
+def _assert_close(actual, expected, rtol):
+    """Relative to the largest magnitude: float32 rounding of a reordered sum."""
+    err = _rel_err(actual, expected)
+    assert err < rtol, err
+
+
+# Shapes of the Fashion-MNIST network (odd batch and channel counts included) and
+# a 3x3 kernel on a non-square image.
+@pytest.mark.parametrize("shape,k", [((6, 28, 28, 18), 7), ((4, 14, 14, 56), 7),
+                                     ((5, 7, 7, 224), 7), ((3, 9, 11, 5), 3)])
+def test_value_and_gradients_match_lax_conv(shape, k):
+    x, kernel, bias, ct = _inputs(shape, k)
+    y_ref, vjp_ref = jax.vjp(_reference, x, kernel, bias)
+    y, vjp = jax.jit(lambda *a: jax.vjp(conv.depthwise_conv2d, *a))(x, kernel, bias)
+    exact = _float64_reference(x, kernel, bias, ct)
+    for got, want, true in zip((y, *vjp(ct)), (y_ref, *vjp_ref(ct)), exact):
+        # Float32 rounding only: close to XLA's own conv, and no further from float64.
+        _assert_close(got, want, 5e-6)
+        assert _rel_err(got, true) <= 2 * _rel_err(want, true) + 2e-7
+
+
+def test_kernel_gradient_sums_over_several_chunks():
+    # 2 x 64 x 64 x 40 float32 images are 640 KiB each: one image per chunk, two chunks.
+    x, kernel, _, ct = _inputs((2, 64, 64, 40), 7)
+    assert conv._chunk_size(x) == 1
+    dk = conv._kernel_grad(x, ct, 7)
+    dk_first = conv._kernel_grad(x[:1], ct[:1], 7)
+    dk_second = conv._kernel_grad(x[1:], ct[1:], 7)
+    _assert_close(dk, dk_first + dk_second, 1e-6)
+
+
+def test_grad_under_jit_matches_lax_conv():
+    x, kernel, bias, _ = _inputs((2, 7, 7, 3), 7)
+    loss = lambda k: jnp.sum(conv.depthwise_conv2d(x, k, bias) ** 2)
+    ref_loss = lambda k: jnp.sum(_reference(x, k, bias) ** 2)
+    _assert_close(jax.jit(jax.grad(loss))(kernel), jax.grad(ref_loss)(kernel), 2e-6)
+
+
+@pytest.mark.parametrize("x_shape,k_shape,b_shape,field", [
+    ((2, 8, 8), (7, 7, 1, 8), (8,), "x"),
+    ((2, 8, 8, 4), (7, 7, 4, 4), (4,), "kernel"),
+    ((2, 8, 8, 4), (6, 6, 1, 4), (4,), "kernel"),
+    ((2, 8, 8, 4), (7, 7, 1, 4), (3,), "bias"),
+])
+def test_bad_shapes_name_the_argument(x_shape, k_shape, b_shape, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        conv.depthwise_conv2d(jnp.zeros(x_shape), jnp.zeros(k_shape), jnp.zeros(b_shape))
