@@ -1,0 +1,443 @@
+"""The design's UNet noise predictor in Flax Linen, layer for layer equal to PyTorch.
+
+Each module mirrors the PyTorch class of the same name in the design document
+("The Annotated Diffusion Model", minus signs restored as FIELD_NOTES.md says),
+with images NHWC instead of NCHW. Input channel counts are inferred from the
+input, as usual in Flax, so a PyTorch `Block(dim, dim_out)` is `Block(dim_out)`.
+
+Where PyTorch and Flax defaults differ, PyTorch's are used: GroupNorm epsilon
+1e-5, exact (erf) GELU, the padding of `ConvTranspose2d(d, d, 4, 2, 1)`, and
+PyTorch's default initialisation (uniform in +-1/sqrt(fan_in) for weights and
+biases), so that training from scratch starts where the design's does.
+
+Submodule names are the PyTorch attribute paths, with each '.' before a list
+index written '_': PyTorch's `downs.0.2.fn.norm.weight` is Flax's
+`downs_0_2/fn/norm/scale`. `ddpm_jax.convert` relies on this to port weights.
+
+Beyond the design: `dropout` in the residual blocks (off by default) and a
+compute `dtype` (e.g. bfloat16 activations with float32 parameters; GroupNorm
+statistics and softmax stay float32).
+"""
+import functools
+import math
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+GROUP_NORM_EPSILON = 1e-5  # PyTorch's; Flax defaults to 1e-6.
+
+gelu = functools.partial(nn.gelu, approximate=False)  # PyTorch nn.GELU is the exact erf form.
+
+
+# --- PyTorch's default initialisation ---------------------------------------------------------
+
+def _torch_kernel_init():
+    """kaiming_uniform(a=sqrt(5)) of nn.Conv2d/nn.Linear: U(+-1/sqrt(fan_in))."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _torch_bias_init(fan_in: int):
+    """PyTorch's bias init U(+-1/sqrt(fan_in)); the bound needs the layer's fan_in."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _conv(features: int, kernel_size: int, in_features: int, *, dtype, name: str,
+          padding: int = 0, strides: int = 1, use_bias: bool = True) -> nn.Conv:
+    """PyTorch `nn.Conv2d(in_features, features, kernel_size, strides, padding)`."""
+    return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
+                   padding=padding, use_bias=use_bias, dtype=dtype,
+                   kernel_init=_torch_kernel_init(),
+                   bias_init=_torch_bias_init(in_features * kernel_size ** 2), name=name)
+
+
+def _dense(features: int, in_features: int, *, dtype, name: str) -> nn.Dense:
+    """PyTorch `nn.Linear(in_features, features)`."""
+    return nn.Dense(features, dtype=dtype, kernel_init=_torch_kernel_init(),
+                    bias_init=_torch_bias_init(in_features), name=name)
+
+
+def _group_norm(groups: int, *, dtype, name: str) -> nn.GroupNorm:
+    """PyTorch `nn.GroupNorm(groups, c)`; Flax computes its statistics in float32."""
+    return nn.GroupNorm(num_groups=groups, epsilon=GROUP_NORM_EPSILON, dtype=dtype, name=name)
+
+
+def _softmax(x, axis: int):
+    """Softmax in float32 whatever the compute dtype, cast back."""
+    return jax.nn.softmax(x.astype(jnp.float32), axis=axis).astype(x.dtype)
+
+
+# --- Building blocks ---------------------------------------------------------------------------
+
+def Downsample(dim: int, *, dtype=None, name: Optional[str] = None) -> nn.Conv:  # noqa: N802
+    """PyTorch `nn.Conv2d(dim, dim, 4, 2, 1)`: halves height and width."""
+    return _conv(dim, 4, dim, strides=2, padding=1, dtype=dtype, name=name)
+
+
+def Upsample(dim: int, *, dtype=None, name: Optional[str] = None) -> nn.ConvTranspose:  # noqa: N802
+    """PyTorch `nn.ConvTranspose2d(dim, dim, 4, 2, 1)`: doubles height and width.
+
+    The transposed conv pads the dilated input by kernel - 1 - padding = 2 on
+    each side; `transpose_kernel=True` makes the kernel the forward conv's, as
+    in PyTorch (its [in, out, kh, kw] weight is this kernel's [kh, kw, out, in]).
+    """
+    return nn.ConvTranspose(dim, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
+                            transpose_kernel=True, dtype=dtype,
+                            kernel_init=_torch_kernel_init(),
+                            bias_init=_torch_bias_init(dim * 4 * 4), name=name)
+
+
+class DepthwiseConv(nn.Module):
+    """ConvNeXt's depthwise conv, PyTorch `nn.Conv2d(c, c, k, padding=k // 2, groups=c)`.
+
+    The one place that computes it (XLA:CPU runs depthwise convolutions slowly,
+    so its implementation may be swapped); parameters: kernel [k, k, 1, c], bias [c].
+    """
+    kernel_size: int = 7
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        channels, k = x.shape[-1], self.kernel_size
+        kernel = self.param("kernel", _torch_kernel_init(), (k, k, 1, channels), jnp.float32)
+        bias = self.param("bias", _torch_bias_init(k * k), (channels,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = lax.conv_general_dilated(x, kernel, (1, 1), [(k // 2, k // 2)] * 2,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     feature_group_count=channels)
+        return y + bias
+
+
+class SinusoidalPositionEmbeddings(nn.Module):
+    """Timesteps [B] -> [B, dim] embeddings: sin then cos of t * 10000^(-i / (dim/2 - 1))."""
+    dim: int
+
+    def __call__(self, time):
+        half_dim = self.dim // 2
+        scale = math.log(10000) / (half_dim - 1)
+        freqs = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * -scale)
+        args = time.astype(jnp.float32)[:, None] * freqs[None, :]
+        return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class Block(nn.Module):
+    """3x3 conv, GroupNorm, SiLU."""
+    dim_out: int
+    groups: int = 8
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = _conv(self.dim_out, 3, x.shape[-1], padding=1, dtype=self.dtype, name="proj")(x)
+        x = _group_norm(self.groups, dtype=self.dtype, name="norm")(x)
+        return nn.silu(x)
+
+
+def _residual_path(x, dim_out: int, dtype):
+    """The design's `res_conv`: a 1x1 conv where the channel count changes, else identity."""
+    if x.shape[-1] == dim_out:
+        return x
+    return _conv(dim_out, 1, x.shape[-1], dtype=dtype, name="res_conv")(x)
+
+
+class ResnetBlock(nn.Module):
+    """Two Blocks with the time embedding added in between (https://arxiv.org/abs/1512.03385).
+
+    Dropout, beyond the design, acts before block2's conv as in the DDPM recipe.
+    """
+    dim_out: int
+    groups: int = 8
+    dropout: float = 0.0
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, time_emb=None, *, train: bool = False):
+        h = Block(self.dim_out, self.groups, self.dtype, name="block1")(x)
+        if time_emb is not None:
+            condition = _dense(self.dim_out, time_emb.shape[-1], dtype=self.dtype,
+                               name="mlp_1")(nn.silu(time_emb))
+            h = h + condition[:, None, None, :]
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = Block(self.dim_out, self.groups, self.dtype, name="block2")(h)
+        return h + _residual_path(x, self.dim_out, self.dtype)
+
+
+class ConvNextBlock(nn.Module):
+    """ConvNeXt block (https://arxiv.org/abs/2201.03545) with the time embedding added.
+
+    Dropout, beyond the design, acts after the GELU (the design's net.2).
+    """
+    dim_out: int
+    mult: int = 2
+    norm: bool = True
+    dropout: float = 0.0
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, time_emb=None, *, train: bool = False):
+        dim, hidden = x.shape[-1], self.dim_out * self.mult
+        h = DepthwiseConv(7, self.dtype, name="ds_conv")(x)
+        if time_emb is not None:
+            condition = _dense(dim, time_emb.shape[-1], dtype=self.dtype,
+                               name="mlp_1")(gelu(time_emb))
+            h = h + condition[:, None, None, :]
+        if self.norm:
+            h = _group_norm(1, dtype=self.dtype, name="net_0")(h)
+        h = _conv(hidden, 3, dim, padding=1, dtype=self.dtype, name="net_1")(h)
+        h = gelu(h)
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = _group_norm(1, dtype=self.dtype, name="net_3")(h)
+        h = _conv(self.dim_out, 3, hidden, padding=1, dtype=self.dtype, name="net_4")(h)
+        return h + _residual_path(x, self.dim_out, self.dtype)
+
+
+def _split_heads(qkv, heads: int, dim_head: int):
+    """[B, H, W, 3 * heads * dim_head] -> q, k, v of [B, H*W, heads, dim_head].
+
+    Channels split as PyTorch's "(h c)" (head outer) and pixels flatten as its
+    "(x y)" (row-major), so attention sees the same sequence as in PyTorch.
+    """
+    b, height, width, _ = qkv.shape
+    return [t.reshape(b, height * width, heads, dim_head) for t in jnp.split(qkv, 3, axis=-1)]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over all pixels (used at the lowest resolution)."""
+    heads: int = 4
+    dim_head: int = 32
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        b, height, width, dim = x.shape
+        hidden = self.heads * self.dim_head
+        qkv = _conv(hidden * 3, 1, dim, use_bias=False, dtype=self.dtype, name="to_qkv")(x)
+        q, k, v = _split_heads(qkv, self.heads, self.dim_head)
+        q = q * self.dim_head ** -0.5
+        sim = jnp.einsum("bihd,bjhd->bhij", q, k)
+        # The design subtracts the row max first; softmax does the same itself.
+        attn = _softmax(sim, axis=-1)
+        out = jnp.einsum("bhij,bjhd->bihd", attn, v).reshape(b, height, width, hidden)
+        return _conv(dim, 1, hidden, dtype=self.dtype, name="to_out")(out)
+
+
+class LinearAttention(nn.Module):
+    """Linear attention (Shen et al. 2018): cost linear in the number of pixels."""
+    heads: int = 4
+    dim_head: int = 32
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        b, height, width, dim = x.shape
+        hidden = self.heads * self.dim_head
+        qkv = _conv(hidden * 3, 1, dim, use_bias=False, dtype=self.dtype, name="to_qkv")(x)
+        q, k, v = _split_heads(qkv, self.heads, self.dim_head)
+        q = _softmax(q, axis=-1)  # over the features d (PyTorch's dim=-2)
+        k = _softmax(k, axis=1)   # over the pixels n (PyTorch's dim=-1)
+        q = q * self.dim_head ** -0.5
+        context = jnp.einsum("bnhd,bnhe->bhde", k, v)
+        out = jnp.einsum("bhde,bnhd->bnhe", context, q).reshape(b, height, width, hidden)
+        out = _conv(dim, 1, hidden, dtype=self.dtype, name="to_out_0")(out)
+        return _group_norm(1, dtype=self.dtype, name="to_out_1")(out)
+
+
+class PreNorm(nn.Module):
+    """GroupNorm(1, c), then `fn`."""
+    fn: nn.Module
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        return self.fn(_group_norm(1, dtype=self.dtype, name="norm")(x))
+
+
+class Residual(nn.Module):
+    """fn(x) + x."""
+    fn: nn.Module
+
+    def __call__(self, x):
+        return self.fn(x) + x
+
+
+def _attention_layer(attention_cls, *, dtype, name: str) -> Residual:
+    """The design's `Residual(PreNorm(dim, attention_cls(dim)))`, named as in PyTorch.
+
+    The inner modules are built unbound (parent=None) so that they nest under
+    the wrapper as `fn`, like PyTorch's `.fn.fn`.
+    """
+    attention = attention_cls(dtype=dtype, parent=None)
+    return Residual(PreNorm(attention, dtype=dtype, parent=None), name=name)
+
+
+# --- Configuration checks ----------------------------------------------------------------------
+
+def _as_hw(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = image_size
+    return int(height), int(width)
+
+
+def check_architecture(*, dim: int, dim_mults: Sequence[int], init_dim: Optional[int] = None,
+                       with_time_emb: bool = True, resnet_block_groups: int = 8,
+                       use_convnext: bool = True, dropout: float = 0.0) -> None:
+    """Raise ValueError for a configuration the design's network cannot be built with."""
+    dim_mults = tuple(dim_mults)
+    if not dim_mults or any(not isinstance(m, int) or m < 1 for m in dim_mults):
+        raise ValueError(
+            f"dim_mults must be a non-empty sequence of positive ints, got {dim_mults}")
+    if dim_mults[0] != 1:
+        raise ValueError(
+            f"dim_mults[0] must be 1, got dim_mults={dim_mults}: the design's final block "
+            f"takes the first level's dim * dim_mults[0] channels as exactly dim")
+    if init_dim is None and dim < 3:
+        raise ValueError(f"dim must be >= 3 so that init_dim = dim // 3 * 2 > 0, got dim={dim}")
+    if init_dim is not None and init_dim < 1:
+        raise ValueError(f"init_dim must be a positive int or None, got {init_dim}")
+    if with_time_emb and (dim < 4 or dim % 2):
+        raise ValueError(f"dim must be even and >= 4 for the sinusoidal time embedding "
+                         f"(half of it are sines, half cosines), got dim={dim}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if not use_convnext:
+        channel_counts = sorted({dim * m for m in dim_mults})
+        for channels in channel_counts:
+            if channels % resnet_block_groups:
+                divisors = [g for g in range(1, dim + 1) if dim % g == 0]
+                raise ValueError(
+                    f"resnet_block_groups={resnet_block_groups} does not divide {channels}, a "
+                    f"channel count of the ResNet blocks' GroupNorm (dim={dim} times dim_mults="
+                    f"{dim_mults}); with dim={dim} the groups that work are {divisors}, and "
+                    f"with {resnet_block_groups} groups dim must be a multiple of "
+                    f"{resnet_block_groups}")
+
+
+def check_image_size(image_size: Union[int, Sequence[int]], dim_mults: Sequence[int]) -> None:
+    """Raise ValueError unless each down stage can halve height and width exactly.
+
+    The U-Net halves the image len(dim_mults) - 1 times and doubles it back, so
+    both sides must be positive multiples of 2 ** (len(dim_mults) - 1).
+    """
+    height, width = _as_hw(image_size)
+    factor = 2 ** (len(dim_mults) - 1)
+    for side in (height, width):
+        if side < 1 or side % factor:
+            below, above = side // factor * factor, (side // factor + 1) * factor
+            nearest = f"{below} or {above}" if below > 0 else f"{above}"
+            raise ValueError(
+                f"image size {height}x{width} does not fit dim_mults={tuple(dim_mults)}: "
+                f"the network halves it {len(dim_mults) - 1} times, so height and width "
+                f"must be multiples of {factor} (nearest to {side}: {nearest})")
+
+
+def validate_unet_config(image_size: Union[int, Sequence[int]], *, dim: int,
+                         dim_mults: Sequence[int] = (1, 2, 4, 8), init_dim: Optional[int] = None,
+                         with_time_emb: bool = True, resnet_block_groups: int = 8,
+                         use_convnext: bool = True, dropout: float = 0.0) -> None:
+    """Raise ValueError if `Unet(...)` cannot run on images of `image_size` (int or (H, W)).
+
+    A pure function, for config validation without building the network.
+    """
+    check_architecture(dim=dim, dim_mults=dim_mults, init_dim=init_dim,
+                       with_time_emb=with_time_emb, resnet_block_groups=resnet_block_groups,
+                       use_convnext=use_convnext, dropout=dropout)
+    check_image_size(image_size, dim_mults)
+
+
+# --- The network -------------------------------------------------------------------------------
+
+class Unet(nn.Module):
+    """The design's U-Net: noisy images [B, H, W, channels] and int timesteps [B] -> noise.
+
+    Call as `Unet(...).apply({'params': p}, x, t, train=False)`; with `train=True`
+    and dropout > 0 pass `rngs={'dropout': key}`. The output is float32
+    [B, H, W, out_dim] whatever the compute `dtype`. A configuration the design
+    cannot build raises ValueError at construction, an image size it cannot
+    halve at the first call.
+    """
+    dim: int
+    init_dim: Optional[int] = None
+    out_dim: Optional[int] = None
+    dim_mults: Sequence[int] = (1, 2, 4, 8)
+    channels: int = 3
+    with_time_emb: bool = True
+    resnet_block_groups: int = 8
+    use_convnext: bool = True
+    convnext_mult: int = 2
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        check_architecture(dim=self.dim, dim_mults=self.dim_mults, init_dim=self.init_dim,
+                           with_time_emb=self.with_time_emb,
+                           resnet_block_groups=self.resnet_block_groups,
+                           use_convnext=self.use_convnext, dropout=self.dropout)
+        super().__post_init__()
+
+    def _block(self, dim_out: int, name: str) -> nn.Module:
+        if self.use_convnext:
+            return ConvNextBlock(dim_out, mult=self.convnext_mult, dropout=self.dropout,
+                                 dtype=self.dtype, name=name)
+        return ResnetBlock(dim_out, groups=self.resnet_block_groups, dropout=self.dropout,
+                           dtype=self.dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x, time, *, train: bool = False):
+        if x.ndim != 4 or x.shape[-1] != self.channels:
+            raise ValueError(f"x must be NHWC [B, H, W, channels={self.channels}], "
+                             f"got shape {x.shape}")
+        if self.with_time_emb and time.shape != x.shape[:1]:
+            raise ValueError(f"time must be timesteps of shape [B] = {x.shape[:1]}, "
+                             f"got shape {time.shape}")
+        check_image_size(x.shape[1:3], self.dim_mults)
+        init_dim = self.dim // 3 * 2 if self.init_dim is None else self.init_dim
+        dims = [init_dim, *(self.dim * m for m in self.dim_mults)]
+        in_out = list(zip(dims[:-1], dims[1:]))
+        num_resolutions = len(in_out)
+        dtype = self.dtype
+
+        x = _conv(init_dim, 7, self.channels, padding=3, dtype=dtype, name="init_conv")(x)
+
+        t = None
+        if self.with_time_emb:
+            time_dim = self.dim * 4
+            t = SinusoidalPositionEmbeddings(self.dim)(time)
+            t = _dense(time_dim, self.dim, dtype=dtype, name="time_mlp_1")(t)
+            t = gelu(t)
+            t = _dense(time_dim, time_dim, dtype=dtype, name="time_mlp_3")(t)
+
+        h = []
+        for ind, (_, dim_out) in enumerate(in_out):
+            x = self._block(dim_out, f"downs_{ind}_0")(x, t, train=train)
+            x = self._block(dim_out, f"downs_{ind}_1")(x, t, train=train)
+            x = _attention_layer(LinearAttention, dtype=dtype, name=f"downs_{ind}_2")(x)
+            h.append(x)
+            if ind < num_resolutions - 1:
+                x = Downsample(dim_out, dtype=dtype, name=f"downs_{ind}_3")(x)
+
+        mid_dim = dims[-1]
+        x = self._block(mid_dim, "mid_block1")(x, t, train=train)
+        x = _attention_layer(Attention, dtype=dtype, name="mid_attn")(x)
+        x = self._block(mid_dim, "mid_block2")(x, t, train=train)
+
+        # As in the design, every up stage upsamples (its is_last is never true
+        # here) and the first level's skip h[0] is left unused.
+        for ind, (dim_in, _) in enumerate(reversed(in_out[1:])):
+            x = jnp.concatenate([x, h.pop()], axis=-1)
+            x = self._block(dim_in, f"ups_{ind}_0")(x, t, train=train)
+            x = self._block(dim_in, f"ups_{ind}_1")(x, t, train=train)
+            x = _attention_layer(LinearAttention, dtype=dtype, name=f"ups_{ind}_2")(x)
+            x = Upsample(dim_in, dtype=dtype, name=f"ups_{ind}_3")(x)
+
+        out_dim = self.channels if self.out_dim is None else self.out_dim
+        x = self._block(self.dim, "final_conv_0")(x, train=train)  # no time embedding here
+        x = _conv(out_dim, 1, self.dim, dtype=dtype, name="final_conv_1")(x)
+        return x.astype(jnp.float32)
