@@ -9,7 +9,12 @@ of TFDS retrying its downloads for minutes.
 
 A folder of the user's own images is read into memory, each image resized and
 center-cropped as the design document's torchvision transforms do.
+
+tensorflow_datasets is imported only where a dataset is prepared or opened, so
+that training on in-memory or synthetic data (benchmarks, accelerators without
+TFDS installed) does not need it.
 """
+from __future__ import annotations
 
 import contextlib
 import fcntl
@@ -22,7 +27,6 @@ import urllib.parse
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 
 TFDS_DATASETS = ("fashion_mnist", "mnist", "cifar10")
@@ -41,6 +45,7 @@ class MissingDataError(FileNotFoundError):
 def official_files(name: str) -> dict[str, str]:
     """File name -> download URL of each official file the TFDS builder `name` needs."""
     _check_tfds_name(name)
+    import tensorflow_datasets as tfds
     return {info.filename: url for url, info in tfds.builder_cls(name).url_infos.items()}
 
 
@@ -70,6 +75,7 @@ def prepare_tfds(name: str, *, data_dir: str | os.PathLike | None = None,
     Preparing happens once per data directory; processes on one machine wait
     for each other through a lock file instead of preparing twice.
     """
+    import tensorflow_datasets as tfds
     _check_tfds_name(name)
     data_dir = None if data_dir is None else str(Path(data_dir).expanduser())
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
@@ -82,6 +88,7 @@ def prepare_tfds(name: str, *, data_dir: str | os.PathLike | None = None,
 
 
 def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: Path | None, allow_download: bool) -> None:
+    import tensorflow_datasets as tfds
     name = builder.name
     files = official_files(name)
     missing = [f for f in files if manual_dir is None or not (manual_dir / f).is_file()]
