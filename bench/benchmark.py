@@ -1,0 +1,799 @@
+"""This project against the PyTorch design, side by side on one device (issue 7).
+
+One process measures, for each chosen config:
+  train   images/s of the JAX train step (float32), of the design's PyTorch
+          loop (eager) and of the same loop with `torch.compile(model)`;
+          compile time (JAX: first step; torch.compile: first call) and peak
+          device memory;
+  bf16    the JAX train step with the model computing in bfloat16 (params,
+          optimizer and loss in float32);
+  sample  64 images x 200 DDPM steps and x 50 DDIM steps: JAX's
+          `p_sample_loop` / `ddim_sample_loop` (one compiled scan each)
+          against a Python loop of the design's `p_sample` under
+          `torch.no_grad()`, and a DDIM loop written the same way;
+  loss    bfloat16 vs float32 losses over N train steps from the same
+          initialisation, batches, timesteps and noise.
+Every ratio is "JAX speedup" = PyTorch time / JAX time. The data is synthetic
+(uniform in [-1, 1]), so nothing here needs TFDS or TensorFlow.
+
+Fairness: the PyTorch side is made no slower than the design's own code. Its
+diffusion constants live on the device (the design's `extract` copies t to
+the host, a device sync, in every call), the sampling loops keep no
+trajectory, cuDNN autotuning is on and float32 matmuls may use TF32 (as JAX
+does by default on GPU). The CIFAR-10 config's dropout (not in the design)
+is added to the PyTorch ResNet blocks where `ddpm_jax.unet` has it. The JAX
+step does more work than the PyTorch loop: it also updates an EMA of the
+weights and checks loss and gradients for NaN/inf.
+
+    .venv/bin/python bench/benchmark.py --configs fashion --out bench.json
+    .venv/bin/python bench/benchmark.py --quick ...        # CPU: few steps, scaled sampling
+    .venv/bin/python bench/benchmark.py --report a.json b.json   # one table from several runs
+"""
+import os
+
+# PyTorch shares the GPU with JAX: JAX must not take 75% of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+import types  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from ddpm_jax import diffusion, parallel, train_state  # noqa: E402
+from ddpm_jax.schedules import make_schedule  # noqa: E402
+
+# Absent on the GPU machine; the benchmark must not need them.
+HEAVY_MODULES = ("tensorflow", "tensorflow_datasets", "ml_collections")
+SAMPLE_IMAGES, DDPM_STEPS, DDIM_STEPS = 64, 200, 50
+PARTS = ("train", "bf16", "sample", "loss")
+FRAMEWORKS = ("jax", "torch", "torch_compile")
+
+
+# --- Configs -----------------------------------------------------------------------------------
+
+def bench_config(name: str, batch_size: int, dtype: str = "float32"):
+    """configs/fashion.py or configs/cifar10.py as plain namespaces (no ml_collections).
+
+    Only the fields the train step and `train_state` read; CIFAR-10's warmup
+    is left out (a constant learning rate costs the same).
+    """
+    ns = types.SimpleNamespace
+    if name == "fashion":
+        return ns(
+            name=name, seed=0,
+            data=ns(image_size=28, channels=1),
+            diffusion=ns(timesteps=200, beta_schedule="linear", loss_type="huber"),
+            model=ns(dim=28, init_dim=None, dim_mults=(1, 2, 4), with_time_emb=True,
+                     resnet_block_groups=8, use_convnext=True, convnext_mult=2, dropout=0.0,
+                     dtype=dtype),
+            optim=ns(learning_rate=1e-3, warmup_steps=0, grad_clip_norm=0.0, b1=0.9, b2=0.999,
+                     eps=1e-8, ema_decay=0.995),
+            training=ns(batch_size=batch_size))
+    if name == "cifar10":
+        return ns(
+            name=name, seed=0,
+            data=ns(image_size=32, channels=3),
+            diffusion=ns(timesteps=1000, beta_schedule="linear", loss_type="l2"),
+            model=ns(dim=128, init_dim=None, dim_mults=(1, 2, 2, 2), with_time_emb=True,
+                     resnet_block_groups=32, use_convnext=False, convnext_mult=2, dropout=0.1,
+                     dtype=dtype),
+            optim=ns(learning_rate=2e-4, warmup_steps=0, grad_clip_norm=1.0, b1=0.9, b2=0.999,
+                     eps=1e-8, ema_decay=0.9999),
+            training=ns(batch_size=batch_size))
+    raise ValueError(f"unknown config {name!r}; valid choices: ['fashion', 'cifar10']")
+
+
+def synthetic_images(config, batch: int, seed: int = 0) -> np.ndarray:
+    """Uniform noise in [-1, 1], NHWC float32."""
+    size, channels = config.data.image_size, config.data.channels
+    return np.random.default_rng(seed).uniform(
+        -1, 1, (batch, size, size, channels)).astype(np.float32)
+
+
+# --- The JAX train step ------------------------------------------------------------------------
+
+def probe_project_step() -> str:
+    """'' if `ddpm_jax.training` imports without TF/TFDS/ml_collections, else why not.
+
+    Probed in a subprocess so that this process never loads them.
+    """
+    code = ("import sys\nimport ddpm_jax.training\n"
+            f"heavy = [m for m in {HEAVY_MODULES!r} if m in sys.modules]\n"
+            "print('imports ' + ', '.join(heavy) if heavy else '')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        return "import fails: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
+    return proc.stdout.strip()
+
+
+def bench_train_step(state, images, *, model, schedule, optimizer, config, batch_sharding):
+    """A copy of `ddpm_jax.training.train_step`, used only while that module cannot be
+    imported without TensorFlow/TFDS/ml_collections (see `probe_project_step`)."""
+    batch = images.shape[0]
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    data_key, dropout_key = jax.random.split(step_key)
+    example_keys = jax.vmap(lambda i: jax.random.fold_in(data_key, i))(jnp.arange(batch))
+    t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0,
+                                              schedule.num_timesteps))(example_keys)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), images.shape[1:],
+                                                 images.dtype))(example_keys)
+    t = jax.lax.with_sharding_constraint(t, batch_sharding)
+    noise = jax.lax.with_sharding_constraint(noise, batch_sharding)
+
+    def loss_of(params):
+        def denoise(x, timesteps):
+            return model.apply({"params": params}, x, timesteps, train=True,
+                               rngs={"dropout": dropout_key})
+        return diffusion.p_losses(schedule, denoise, images, t, noise, config.diffusion.loss_type)
+
+    loss, grads = jax.value_and_grad(loss_of)(state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    clip = config.optim.grad_clip_norm
+    if clip > 0:
+        scale = jnp.where(grad_norm > clip, clip / grad_norm, 1.0)
+        grads = jax.tree.map(lambda g: g * scale, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = config.optim.ema_decay
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+
+    def if_finite(new, old):
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    new_state = state.replace(
+        step=state.step + 1, params=if_finite(params, state.params),
+        ema_params=if_finite(ema_params, state.ema_params),
+        opt_state=if_finite(opt_state, state.opt_state),
+        skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32))
+    return new_state, dict(loss=loss, grad_norm=grad_norm, finite=finite)
+
+
+def bench_make_train_step(config, model, schedule, optimizer, mesh):
+    """`ddpm_jax.training.make_train_step` for `bench_train_step`."""
+    replicated, batch_sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+
+    def step(state, images):
+        return bench_train_step(state, images, model=model, schedule=schedule,
+                                optimizer=optimizer, config=config, batch_sharding=batch_sharded)
+
+    return jax.jit(step, in_shardings=(replicated, batch_sharded),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+class JaxTrainer:
+    """A config's model, optimizer and schedule; its train step compiled on first use (ahead
+    of time, as `training.train` does, so that it cannot recompile)."""
+
+    def __init__(self, config, make_train_step):
+        self.config, self._make_train_step = config, make_train_step
+        self.mesh = parallel.make_mesh(jax.devices()[:1])
+        self.model = train_state.create_model(config)
+        self.optimizer = train_state.make_optimizer(config)
+        self.schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
+        self._init = jax.jit(
+            lambda key: train_state.create_train_state(config, self.model, self.optimizer, key),
+            out_shardings=parallel.replicated(self.mesh))
+        self._step, self.compile_s = None, None
+
+    @property
+    def step(self):
+        if self._step is None:
+            abstract_state = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                               sharding=parallel.replicated(self.mesh)),
+                jax.eval_shape(self._init, jax.random.key(0)))
+            size, channels = self.config.data.image_size, self.config.data.channels
+            abstract_images = jax.ShapeDtypeStruct(
+                (self.config.training.batch_size, size, size, channels), jnp.float32,
+                sharding=parallel.batch_sharded(self.mesh))
+            start = time.perf_counter()
+            self._step = self._make_train_step(
+                self.config, self.model, self.schedule, self.optimizer,
+                self.mesh).lower(abstract_state, abstract_images).compile()
+            self.compile_s = time.perf_counter() - start
+        return self._step
+
+    def init_state(self, seed: int = 0):
+        return self._init(jax.random.key(seed))
+
+    def put(self, images: np.ndarray):
+        return jax.device_put(images, parallel.batch_sharded(self.mesh))
+
+
+def compiled_bytes(compiled) -> int:
+    """XLA's own estimate of a program's peak memory: arguments + outputs - aliased + temps."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return 0
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
+
+
+def jax_peak_bytes():
+    """The device's peak memory in use so far in this process (GPU/TPU), else None."""
+    stats = jax.devices()[0].memory_stats()
+    return stats.get("peak_bytes_in_use") if stats else None
+
+
+def time_steps(run_step, sync, warmup: int, steps: int):
+    """Median wall seconds of `steps` calls after `warmup` calls, each call synced."""
+    for _ in range(warmup):
+        sync(run_step())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        sync(run_step())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def jax_train(trainer: JaxTrainer, warmup: int, steps: int) -> dict:
+    batch = trainer.config.training.batch_size
+    images = trainer.put(synthetic_images(trainer.config, batch))
+    holder = {"state": trainer.init_state()}
+    step = trainer.step  # compiles
+    jax.block_until_ready(holder["state"])
+
+    def run_step():
+        holder["state"], metrics = step(holder["state"], images)
+        return holder["state"], metrics
+
+    start = time.perf_counter()
+    jax.block_until_ready(run_step())
+    first_run_s = time.perf_counter() - start
+    median_s, times = time_steps(run_step, jax.block_until_ready, max(warmup - 1, 0), steps)
+    return dict(images_per_s=batch / median_s, step_s=median_s, step_times_s=times,
+                compile_s=trainer.compile_s, first_step_s=trainer.compile_s + first_run_s,
+                program_bytes=compiled_bytes(step), device_peak_bytes=jax_peak_bytes())
+
+
+def bf16_loss_check(trainers, config_name: str, steps: int, batch: int) -> dict:
+    """Losses of `steps` float32 and bfloat16 steps from one init on the same fixed data.
+
+    Both runs share the state's key, so each step draws the same timesteps and
+    noise: the per-step differences come from the compute dtype alone.
+    """
+    pool = synthetic_images(trainers["float32"].config, 512, seed=1)
+    curves = {}
+    for dtype, trainer in trainers.items():
+        state = trainer.init_state(seed=0)
+        losses = []
+        for i in range(steps):
+            images = pool[(i * batch + np.arange(batch)) % len(pool)]
+            state, metrics = trainer.step(state, trainer.put(images))
+            losses.append(metrics["loss"])
+        curves[dtype] = np.asarray(jax.device_get(losses), np.float64)
+    f32, bf16 = curves["float32"], curves["bfloat16"]
+    tail = max(steps // 5, 1)
+    se = math.sqrt((f32[-tail:].var() + bf16[-tail:].var()) / tail)
+    diff = bf16[-tail:].mean() - f32[-tail:].mean()
+    return dict(config=config_name, steps=steps, batch=batch, tail=tail,
+                float32_first=f32[0], bfloat16_first=bf16[0],
+                float32_tail_mean=f32[-tail:].mean(), bfloat16_tail_mean=bf16[-tail:].mean(),
+                tail_diff=diff, noise_se=se, within_noise=bool(abs(diff) <= 2 * se),
+                float32_curve=f32.tolist(), bfloat16_curve=bf16.tolist())
+
+
+# --- JAX sampling ------------------------------------------------------------------------------
+
+def jax_sampling(trainer: JaxTrainer, sampler: str, num_steps: int) -> dict:
+    """Seconds of one compiled sampling scan over 64 images (compiled ahead, then run twice:
+    the first run's extra time, if any, is warm-up)."""
+    config, model = trainer.config, trainer.model
+    size, channels = config.data.image_size, config.data.channels
+    shape = (SAMPLE_IMAGES, size, size, channels)
+    params = trainer.init_state().params
+
+    def sample(params, key):
+        def denoise(x, t):
+            return model.apply({"params": params}, x, t, train=False)
+        if sampler == "ddpm":
+            return diffusion.p_sample_loop(make_schedule("linear", num_steps), denoise, shape, key)
+        return diffusion.ddim_sample_loop(trainer.schedule, denoise, shape, key, num_steps)
+
+    key = jax.random.key(0)
+    start = time.perf_counter()
+    compiled = jax.jit(sample).lower(params, key).compile()
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(compiled(params, key))
+    start = time.perf_counter()
+    out = jax.block_until_ready(compiled(params, jax.random.key(1)))
+    seconds = time.perf_counter() - start
+    if not np.isfinite(np.asarray(out)).all():
+        raise FloatingPointError(f"JAX {sampler} samples are not finite")
+    return dict(seconds=seconds, compile_s=compile_s, program_bytes=compiled_bytes(compiled),
+                device_peak_bytes=jax_peak_bytes())
+
+
+# --- PyTorch -----------------------------------------------------------------------------------
+
+class TorchSide:
+    """The design's network and loops in PyTorch, on the GPU if there is one."""
+
+    def __init__(self):
+        import torch
+        from tests import torch_ref_unet
+        self.torch, self.ref = torch, torch_ref_unet
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.set_float32_matmul_precision("high")  # TF32, as JAX's default on GPU
+
+    def settings(self) -> dict:
+        torch = self.torch
+        out = dict(device=str(self.device), threads=torch.get_num_threads())
+        if self.device.type == "cuda":
+            out.update(name=torch.cuda.get_device_name(), cudnn_benchmark=True,
+                       float32_matmul_precision=torch.get_float32_matmul_precision(),
+                       cudnn_version=torch.backends.cudnn.version())
+        return out
+
+    def sync(self, _=None):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def reset_peak(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def peak_bytes(self):
+        if self.device.type == "cuda":
+            return self.torch.cuda.max_memory_allocated()
+        return None
+
+    def model(self, config):
+        """The design's Unet for `config`, with dropout before each ResNet block's block2 (where
+        ddpm_jax.unet has it) when the config asks for dropout."""
+        torch, m = self.torch, config.model
+        torch.manual_seed(0)
+        net = self.ref.Unet(dim=m.dim, dim_mults=m.dim_mults, channels=config.data.channels,
+                            with_time_emb=m.with_time_emb,
+                            resnet_block_groups=m.resnet_block_groups,
+                            use_convnext=m.use_convnext, convnext_mult=m.convnext_mult)
+        if m.dropout:
+            for block in net.modules():
+                if isinstance(block, self.ref.ResnetBlock):
+                    block.block2 = torch.nn.Sequential(torch.nn.Dropout(m.dropout), block.block2)
+        return net.to(self.device)
+
+    def constants(self, timesteps: int):
+        """The design's constants (ddpm_jax's float32 values) as device tensors."""
+        schedule = make_schedule("linear", timesteps)
+        return {k: self.torch.tensor(np.asarray(getattr(schedule, k)), device=self.device)
+                for k in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")}
+
+    def train(self, config, warmup: int, steps: int, compiled: bool) -> dict:
+        """The design's training loop: Adam, p_losses; plus clipping where the config clips."""
+        torch = self.torch
+        functional = torch.nn.functional
+        losses = dict(l1=functional.l1_loss, l2=functional.mse_loss,
+                      huber=functional.smooth_l1_loss)
+        loss_fn = losses[config.diffusion.loss_type]
+        net = self.model(config).train()
+        forward = torch.compile(net) if compiled else net
+        optimizer = torch.optim.Adam(net.parameters(), lr=config.optim.learning_rate,
+                                     betas=(config.optim.b1, config.optim.b2),
+                                     eps=config.optim.eps)
+        c = self.constants(config.diffusion.timesteps)
+        batch = config.training.batch_size
+        images = torch.as_tensor(synthetic_images(config, batch).transpose(0, 3, 1, 2),
+                                 device=self.device)
+        clip = config.optim.grad_clip_norm
+
+        def run_step():
+            optimizer.zero_grad()
+            t = torch.randint(0, config.diffusion.timesteps, (batch,), device=self.device)
+            noise = torch.randn_like(images)
+            x_noisy = (c["sqrt_alphas_cumprod"][t].view(-1, 1, 1, 1) * images
+                       + c["sqrt_one_minus_alphas_cumprod"][t].view(-1, 1, 1, 1) * noise)
+            loss = loss_fn(noise, forward(x_noisy, t))
+            loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            optimizer.step()
+            return loss
+
+        self.reset_peak()
+        start = time.perf_counter()
+        self.sync(run_step())
+        first_step_s = time.perf_counter() - start
+        median_s, times = time_steps(run_step, self.sync, max(warmup - 1, 0), steps)
+        return dict(images_per_s=batch / median_s, step_s=median_s, step_times_s=times,
+                    first_step_s=first_step_s, device_peak_bytes=self.peak_bytes())
+
+    def sampling(self, config, sampler: str, num_steps: int) -> dict:
+        """Seconds of the design's Python loop (DDPM) or the same loop for DDIM (eta 0), after
+        one warm-up forward pass."""
+        torch = self.torch
+        size, channels = config.data.image_size, config.data.channels
+        net = self.model(config).eval()
+        if sampler == "ddpm":
+            s = make_schedule("linear", num_steps)
+            timesteps = list(range(num_steps - 1, -1, -1))
+        else:
+            s = make_schedule("linear", config.diffusion.timesteps)
+            timesteps = [int(t) for t in diffusion.ddim_timesteps(config.diffusion.timesteps,
+                                                                  num_steps)]
+        s = {k: np.asarray(getattr(s, k), np.float64) for k in (
+            "betas", "sqrt_recip_alphas", "sqrt_one_minus_alphas_cumprod", "posterior_variance",
+            "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "alphas_cumprod")}
+        generator = torch.Generator(self.device).manual_seed(0)
+        x = torch.randn((SAMPLE_IMAGES, channels, size, size), device=self.device,
+                        generator=generator)
+
+        def full(t):
+            return torch.full((SAMPLE_IMAGES,), t, device=self.device, dtype=torch.long)
+
+        with torch.no_grad():
+            self.sync(net(x, full(timesteps[0])))
+            self.reset_peak()
+            start = time.perf_counter()
+            for i, t in enumerate(timesteps):
+                eps = net(x, full(t))
+                if sampler == "ddpm":  # the design's p_sample
+                    mean = s["sqrt_recip_alphas"][t] * (
+                        x - s["betas"][t] * eps / s["sqrt_one_minus_alphas_cumprod"][t])
+                    x = mean if t == 0 else mean + math.sqrt(s["posterior_variance"][t]) * (
+                        torch.randn(x.shape, device=self.device, generator=generator))
+                else:  # DDIM, eta = 0
+                    x_start = (s["sqrt_recip_alphas_cumprod"][t] * x
+                               - s["sqrt_recipm1_alphas_cumprod"][t] * eps)
+                    prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
+                    alpha_bar_prev = 1.0 if prev is None else s["alphas_cumprod"][prev]
+                    x = math.sqrt(alpha_bar_prev) * x_start + math.sqrt(1 - alpha_bar_prev) * eps
+            self.sync()
+            seconds = time.perf_counter() - start
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"PyTorch {sampler} samples are not finite")
+        return dict(seconds=seconds, device_peak_bytes=self.peak_bytes())
+
+
+# --- The run -----------------------------------------------------------------------------------
+
+def versions() -> dict:
+    import flax
+    import jaxlib
+    out = dict(python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__,
+               flax=flax.__version__, optax=optax.__version__, numpy=np.__version__)
+    try:
+        import torch
+        out["torch"] = torch.__version__
+    except ImportError:
+        out["torch"] = "not installed"
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+class Recorder:
+    """Results and errors, written to the JSON file after each one (a later crash keeps them)."""
+
+    def __init__(self, path: str, meta: dict):
+        self.path, self.data = path, dict(meta=meta, results=[], errors=[])
+        self.write()
+
+    def write(self):
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self.data, f, indent=1, default=float)
+
+    def run(self, what: dict, fn):
+        """Run `fn()`, record its dict under the keys of `what`; record a failure and go on."""
+        label = " ".join(f"{k}={v}" for k, v in what.items())
+        print(f"[{time.strftime('%H:%M:%S')}] {label} (load {os.getloadavg()[0]:.1f}) ...",
+              flush=True)
+        start = time.perf_counter()
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001  (one failing part must not stop the others)
+            tb = traceback.format_exc()
+            print(tb, flush=True)
+            self.data["errors"].append(dict(what, error=f"{type(e).__name__}: {e}"[:2000],
+                                             traceback=tb[-4000:]))
+            self.write()
+            return None
+        result = dict(what, **result, wall_s=time.perf_counter() - start,
+                      load_avg=os.getloadavg()[0], rss_peak_bytes=rss_peak_bytes())
+        brief = {k: v for k, v in result.items() if not isinstance(v, list)}
+        print(f"    {brief}", flush=True)
+        self.data["results"].append(result)
+        self.write()
+        return result
+
+
+def rss_peak_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_benchmark(args) -> dict:
+    device = jax.devices()[0]
+    jax.block_until_ready(jnp.ones(()))  # start JAX's backend before PyTorch loads its libraries
+    reason = probe_project_step() if args.train_step == "auto" else ""
+    if args.train_step == "project" or (args.train_step == "auto" and not reason):
+        from ddpm_jax.training import make_train_step
+        step_source = "ddpm_jax.training.make_train_step"
+    else:
+        make_train_step = bench_make_train_step
+        step_source = ("bench copy of ddpm_jax.training.train_step"
+                       + (f" (ddpm_jax.training {reason})" if reason else ""))
+    torch_side = TorchSide() if {"torch", "torch_compile"} & set(args.frameworks) else None
+    meta = dict(
+        command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+        quick=args.quick, time=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        jax_device=f"{device.platform}: {device.device_kind}", cpu=cpu_model(),
+        cpu_count=os.cpu_count(), load_avg_start=os.getloadavg(), versions=versions(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""), train_step=step_source,
+        torch=torch_side.settings() if torch_side else None,
+        sample_steps=dict(ddpm=args.ddpm_steps, ddim=args.ddim_steps))
+    print(json.dumps(meta, indent=1, default=str), flush=True)
+    rec = Recorder(args.out, meta)
+    for name in args.configs:
+        batch = args.batch or 128
+        trainers = {}
+
+        def trainer(dtype, batch=batch, name=name):
+            if (dtype, batch) not in trainers:
+                trainers[dtype, batch] = JaxTrainer(bench_config(name, batch, dtype),
+                                                    make_train_step)
+            return trainers[dtype, batch]
+
+        config = bench_config(name, batch)
+        timing = dict(warmup=args.warmup, steps=args.steps)
+        if "train" in args.parts:
+            if "jax" in args.frameworks:
+                rec.run(dict(config=name, part="train", framework="jax", dtype="float32",
+                             batch=batch),
+                        lambda: jax_train(trainer("float32"), **timing))
+            if "torch" in args.frameworks:
+                rec.run(dict(config=name, part="train", framework="torch", dtype="float32",
+                             batch=batch),
+                        lambda: torch_side.train(config, compiled=False, **timing))
+        if "bf16" in args.parts and "jax" in args.frameworks:
+            rec.run(dict(config=name, part="train", framework="jax", dtype="bfloat16",
+                         batch=batch),
+                    lambda: jax_train(trainer("bfloat16"), **timing))
+        if "sample" in args.parts:
+            for sampler, steps, full in (("ddpm", args.ddpm_steps, DDPM_STEPS),
+                                         ("ddim", args.ddim_steps, DDIM_STEPS)):
+                what = dict(config=name, part="sample", sampler=sampler, images=SAMPLE_IMAGES,
+                            steps=steps, reported_steps=full)
+                runners = []
+                if "jax" in args.frameworks:
+                    runners.append(("jax", lambda s=sampler, n=steps:
+                                    jax_sampling(trainer("float32"), s, n)))
+                if "torch" in args.frameworks:
+                    runners.append(("torch", lambda s=sampler, n=steps:
+                                    torch_side.sampling(config, s, n)))
+                for framework, fn in runners:
+                    rec.run(dict(what, framework=framework),
+                            lambda fn=fn, scale=full / steps: scaled(fn(), scale))
+        if "train" in args.parts and "torch_compile" in args.frameworks:
+            rec.run(dict(config=name, part="train", framework="torch_compile", dtype="float32",
+                         batch=batch),
+                    lambda: torch_side.train(config, compiled=True, **timing))
+        if "loss" in args.parts and "jax" in args.frameworks:
+            loss_batch = args.loss_batch or batch
+            rec.run(dict(config=name, part="loss", framework="jax"),
+                    lambda: bf16_loss_check({d: trainer(d, loss_batch)
+                                             for d in ("float32", "bfloat16")},
+                                            name, args.loss_steps, loss_batch))
+        trainers.clear()
+    rec.data["meta"]["load_avg_end"] = os.getloadavg()
+    rec.write()
+    return rec.data
+
+
+def scaled(result: dict, scale: float) -> dict:
+    """A sampling result measured over fewer steps, extrapolated to the reported count."""
+    return dict(result, measured_s=result["seconds"], seconds=result["seconds"] * scale)
+
+
+# --- The table ---------------------------------------------------------------------------------
+
+def _mib(n):
+    return f"{n / 2 ** 20:,.0f} MiB" if n else "n/a"
+
+
+def _find(results, **keys):
+    for r in results:
+        if all(r.get(k) == v for k, v in keys.items()):
+            return r
+    return None
+
+
+def markdown_table(runs) -> str:
+    """One Markdown report from the JSON of one or more runs (e.g. one per config)."""
+    lines = []
+    for data in runs:  # the header of each run (runs split by framework share one)
+        m = data["meta"]
+        v = m["versions"]
+        torch_settings = m.get("torch") or {}
+        lines += [
+            f"Device: JAX {m['jax_device']}; PyTorch {torch_settings.get('name') or torch_settings.get('device', 'n/a')}; "
+            f"CPU {m['cpu']} x{m['cpu_count']}; load average at start "
+            f"{', '.join(f'{x:.1f}' for x in m['load_avg_start'])}"
+            + (f", at end {', '.join(f'{x:.1f}' for x in m['load_avg_end'])}"
+               if 'load_avg_end' in m else ""),
+            f"Versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax "
+            f"{v['flax']}, optax {v['optax']}, torch {v['torch']}; XLA_FLAGS='{m['xla_flags']}'",
+            f"JAX step: {m['train_step']}. Command: `{m['command']}`"
+            + (" (--quick: few timed steps; sampling measured over fewer steps and scaled)"
+               if m["quick"] else ""), ""]
+    lines = [line for line in dict.fromkeys(lines) if line] + [""]
+    results = [r for data in runs for r in data["results"]]
+    errors = [e for data in runs for e in data["errors"]]
+    configs = list(dict.fromkeys(r["config"] for r in results + errors))
+    lines += ["| config | measure | JAX | PyTorch eager | torch.compile | JAX / eager | "
+              "JAX / compile |", "|---|---|---|---|---|---|---|"]
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a and b else ""
+
+    for name in configs:
+        jax32 = _find(results, config=name, part="train", framework="jax", dtype="float32")
+        jax16 = _find(results, config=name, part="train", framework="jax", dtype="bfloat16")
+        eager = _find(results, config=name, part="train", framework="torch")
+        comp = _find(results, config=name, part="train", framework="torch_compile")
+        batch = next((r["batch"] for r in (jax32, jax16, eager, comp) if r), "?")
+
+        def cell(r, key, fmt):
+            return fmt(r[key]) if r and r.get(key) is not None else "-"
+
+        def ips(r):
+            return cell(r, "images_per_s", lambda x: f"{x:,.1f}")
+
+        def peak(r):
+            """Device memory; on CPU the process's peak RSS so far (all parts before it too)."""
+            if r and r.get("device_peak_bytes") is None:
+                return f"RSS {_mib(r['rss_peak_bytes'])}"
+            return cell(r, "device_peak_bytes", _mib)
+
+        def get(r, key):
+            return r.get(key) if r else None
+
+        lines.append(f"| {name} | train images/s, f32 (batch {batch}) | {ips(jax32)} | "
+                     f"{ips(eager)} | {ips(comp)} | "
+                     f"{ratio(get(jax32, 'images_per_s'), get(eager, 'images_per_s'))} | "
+                     f"{ratio(get(jax32, 'images_per_s'), get(comp, 'images_per_s'))} |")
+        lines.append(f"| {name} | train images/s, JAX bf16 | {ips(jax16)} | {ips(eager)} | "
+                     f"{ips(comp)} | "
+                     f"{ratio(get(jax16, 'images_per_s'), get(eager, 'images_per_s'))} | "
+                     f"{ratio(get(jax16, 'images_per_s'), get(comp, 'images_per_s'))} |")
+        lines.append(f"| {name} | first step s (compile) f32 / bf16 | "
+                     f"{cell(jax32, 'first_step_s', '{:.1f}'.format)} / "
+                     f"{cell(jax16, 'first_step_s', '{:.1f}'.format)} | "
+                     f"{cell(eager, 'first_step_s', '{:.1f}'.format)} | "
+                     f"{cell(comp, 'first_step_s', '{:.1f}'.format)} | | |")
+        lines.append(f"| {name} | peak memory, f32 (JAX: process peak / XLA program) | "
+                     f"{peak(jax32)} / {cell(jax32, 'program_bytes', _mib)} | "
+                     f"{peak(eager)} | {peak(comp)} | | |")
+        for sampler in ("ddpm", "ddim"):
+            j = _find(results, config=name, part="sample", sampler=sampler, framework="jax")
+            t = _find(results, config=name, part="sample", sampler=sampler, framework="torch")
+            if not (j or t):
+                continue
+            ref = j or t
+            measured = ("" if ref["steps"] == ref["reported_steps"]
+                        else f", scaled from {ref['steps']} steps")
+            lines.append(
+                f"| {name} | sample {SAMPLE_IMAGES} x {ref['reported_steps']} {sampler.upper()} "
+                f"steps, s{measured} | {cell(j, 'seconds', '{:.2f}'.format)} "
+                f"(compile {cell(j, 'compile_s', '{:.1f}'.format)}) | "
+                f"{cell(t, 'seconds', '{:.2f}'.format)} | | "
+                f"{ratio(get(t, 'seconds'), get(j, 'seconds'))} | |")
+    losses = [r for r in results if r["part"] == "loss"]
+    if losses:
+        lines += ["", "| config | bf16 vs f32 loss | steps x batch | f32 mean | bf16 mean | "
+                  "diff | 2 s.e. | within noise |", "|---|---|---|---|---|---|---|---|"]
+        for r in losses:
+            lines.append(
+                f"| {r['config']} | first {r['float32_first']:.4f} / {r['bfloat16_first']:.4f} "
+                f"| {r['steps']} x {r['batch']} (mean of last {r['tail']}) | "
+                f"{r['float32_tail_mean']:.4f} | {r['bfloat16_tail_mean']:.4f} | "
+                f"{r['tail_diff']:+.4f} | {2 * r['noise_se']:.4f} | {r['within_noise']} |")
+    if errors:
+        lines += ["", "Failed parts:"]
+        lines += [f"- {' '.join(f'{k}={v}' for k, v in e.items() if k not in ('error', 'traceback'))}: "
+                  f"{e['error'].splitlines()[0][:300] if e['error'] else '?'}" for e in errors]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="fashion,cifar10",
+                        help="comma-separated: fashion, cifar10")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {PARTS}")
+    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS),
+                        help=f"comma-separated: {FRAMEWORKS}")
+    parser.add_argument("--batch", type=int, default=0, help="training batch (default 128)")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed training steps first (the first one compiles)")
+    parser.add_argument("--ddpm-steps", type=int, default=DDPM_STEPS,
+                        help=f"DDPM steps to run; times are scaled to {DDPM_STEPS}")
+    parser.add_argument("--ddim-steps", type=int, default=DDIM_STEPS,
+                        help=f"DDIM steps to run; times are scaled to {DDIM_STEPS}")
+    parser.add_argument("--loss-steps", type=int, default=200,
+                        help="train steps of the bf16-vs-f32 loss check")
+    parser.add_argument("--loss-batch", type=int, default=0,
+                        help="batch of the loss check (default: the training batch)")
+    parser.add_argument("--train-step", choices=("auto", "project", "bench"), default="auto",
+                        help="auto: ddpm_jax.training's step if it imports without "
+                             "TF/TFDS/ml_collections, else the bench's copy")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU smoke run: 2 timed steps after 1, sampling 10 DDPM and 5 DDIM "
+                             "steps (scaled), loss check 10 steps at batch 16")
+    parser.add_argument("--out", default="", help="JSON file for the results")
+    parser.add_argument("--report", nargs="+", metavar="JSON",
+                        help="print the table of earlier runs' JSON files and exit")
+    args = parser.parse_args(argv)
+    if args.report:
+        return args
+    for field, valid in (("configs", ("fashion", "cifar10")), ("parts", PARTS),
+                         ("frameworks", FRAMEWORKS)):
+        values = [v for v in getattr(args, field).split(",") if v]
+        bad = [v for v in values if v not in valid]
+        if bad:
+            parser.error(f"--{field}: unknown {bad}; valid choices: {list(valid)}")
+        setattr(args, field, values)
+    if args.quick:
+        defaults = parser.parse_args([])
+        for field, value in (("steps", 2), ("warmup", 1), ("ddpm_steps", 10), ("ddim_steps", 5),
+                             ("loss_steps", 10), ("loss_batch", 16)):
+            if getattr(args, field) == getattr(defaults, field):
+                setattr(args, field, value)
+    for field in ("steps", "ddpm_steps", "ddim_steps", "loss_steps"):
+        if getattr(args, field) < 1:
+            parser.error(f"--{field.replace('_', '-')} must be >= 1")
+    if args.ddpm_steps > DDPM_STEPS or args.ddim_steps > DDIM_STEPS:
+        parser.error(f"--ddpm-steps <= {DDPM_STEPS} and --ddim-steps <= {DDIM_STEPS}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.report:
+        runs = []
+        for path in args.report:
+            try:
+                with open(path) as f:
+                    runs.append(json.load(f))
+            except (OSError, ValueError) as e:
+                print(f"skipping {path}: {e}")
+        print(markdown_table(runs))
+        return
+    data = run_benchmark(args)
+    heavy = [m for m in HEAVY_MODULES if m in sys.modules]
+    if heavy:
+        print(f"WARNING: this run imported {heavy}, which the GPU machine does not have")
+    print()
+    print(markdown_table([data]))
+
+
+if __name__ == "__main__":
+    main()

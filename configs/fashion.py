@@ -1,0 +1,83 @@
+"""The design document's Fashion-MNIST run: 28x28x1, T=200 linear, huber, batch 128, 5 epochs.
+
+"The Annotated Diffusion Model" trains `Unet(dim=28, channels=1,
+dim_mults=(1, 2, 4))` (ConvNeXt blocks, mult 2) with Adam at lr 1e-3 and no
+warmup, clipping or EMA; this run adds an EMA of the weights for sampling,
+with a decay that averages over ~200 of its ~2.3k steps. The other configs
+start from this one; `ddpm_jax/config_validation.py` checks every field, and
+the README lists them.
+
+    python train.py --config=configs/fashion.py --workdir=runs/fashion
+    python train.py --config=configs/fashion.py --config.training.batch_size=64 ...
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from ddpm_jax import evaluation
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict(dict(
+        dataset="fashion_mnist",   # fashion_mnist | mnist | cifar10 | folder
+        folder="",                 # the image folder when dataset == "folder"
+        image_size=28,
+        channels=1,
+        random_flip=True,
+        tfds_data_dir="",          # "" -> $TFDS_DATA_DIR, else ~/tensorflow_datasets
+        manual_dir="",             # official files; "" -> $DDPM_JAX_MANUAL_DIR
+    ))
+
+    config.diffusion = ml_collections.ConfigDict(dict(
+        timesteps=200,
+        beta_schedule="linear",    # linear | cosine | quadratic | sigmoid
+        loss_type="huber",         # l1 | l2 | huber
+    ))
+
+    config.model = ml_collections.ConfigDict(dict(
+        dim=28,
+        init_dim=config_dict.placeholder(int),   # None -> dim // 3 * 2
+        dim_mults=(1, 2, 4),
+        with_time_emb=True,
+        resnet_block_groups=8,
+        use_convnext=True,
+        convnext_mult=2,
+        dropout=0.0,
+        dtype="float32",           # compute dtype: float32 | bfloat16 (params stay float32)
+    ))
+
+    config.optim = ml_collections.ConfigDict(dict(
+        learning_rate=1e-3,
+        warmup_steps=0,            # linear warmup from 0 over this many steps
+        grad_clip_norm=0.0,        # clip the global gradient norm to this; 0 = off
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        ema_decay=0.995,
+    ))
+
+    config.training = ml_collections.ConfigDict(dict(
+        batch_size=128,            # global, over all devices and processes
+        num_train_steps=config_dict.placeholder(int),  # None -> num_epochs of the train split
+        num_epochs=5,
+        log_every=100,
+        checkpoint_every=500,
+        keep_checkpoints=3,
+        sample_every=1000,         # 0 = no sample grids during training
+        num_sample_images=16,
+        nan_policy="skip",         # skip | stop: what a non-finite loss or gradient does
+        compilation_cache_dir="~/.cache/ddpm_jax/xla",  # "" = off
+    ))
+
+    config.sampling = ml_collections.ConfigDict(dict(
+        sampler="ddpm",            # ddpm | ddim
+        ddim_steps=50,
+        ddim_eta=0.0,
+    ))
+
+    # Test-set bits/dim and sample quality every K steps (off by default).
+    config.eval = evaluation.default_config()
+    config.lock()
+    return config

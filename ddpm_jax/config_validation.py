@@ -1,0 +1,286 @@
+"""Checks every field of a training config before anything is built or compiled.
+
+A mistyped or out-of-range field would otherwise surface minutes later as a
+shape error deep inside XLA, or never (a silently ignored option). Every
+problem found is reported at once, each naming the field as
+`config.section.field`, its value and what is allowed.
+"""
+import difflib
+import math
+import os
+from typing import Any, Iterable, List, Optional, Sequence
+
+from ddpm_jax import evaluation, unet
+from ddpm_jax.diffusion import LOSS_TYPES
+from ddpm_jax.schedules import BETA_SCHEDULES
+
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "folder")
+# (image_size, channels) of the TFDS datasets, which the input pipeline does not resize.
+TFDS_IMAGE_SHAPES = {"fashion_mnist": (28, 1), "mnist": (28, 1), "cifar10": (32, 3)}
+MODEL_DTYPES = ("float32", "bfloat16")
+NAN_POLICIES = ("skip", "stop")
+SAMPLERS = ("ddpm", "ddim")
+
+# Every field a config must have, by section. The optional `eval` section is
+# checked by `evaluation.validate_config`.
+FIELDS = {
+        "": ("seed",),
+        "data": ("dataset", "folder", "image_size", "channels", "random_flip",
+                 "tfds_data_dir", "manual_dir"),
+        "diffusion": ("timesteps", "beta_schedule", "loss_type"),
+        "model": ("dim", "init_dim", "dim_mults", "with_time_emb", "resnet_block_groups",
+                  "use_convnext", "convnext_mult", "dropout", "dtype"),
+        "optim": ("learning_rate", "warmup_steps", "grad_clip_norm", "b1", "b2", "eps",
+                  "ema_decay"),
+        "training": ("batch_size", "num_train_steps", "num_epochs", "log_every",
+                     "checkpoint_every", "keep_checkpoints", "sample_every",
+                     "num_sample_images", "nan_policy", "compilation_cache_dir"),
+        "sampling": ("sampler", "ddim_steps", "ddim_eta"),
+}
+
+
+class ConfigError(ValueError):
+    """A config field has a wrong type, range or choice; the message lists every such field."""
+
+
+class _Checker:
+    """Collects the problems of one config so that all are reported together."""
+
+    def __init__(self, config):
+        self.config = config
+        self.errors: List[str] = []
+
+    def get(self, path: str) -> Any:
+        node = self.config
+        for part in path.split("."):
+            node = node[part]
+        return node
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(f"config.{path} = {self._show(path)}: {message}")
+
+    def _show(self, path: str) -> str:
+        try:
+            return repr(self.get(path))
+        except KeyError:
+            return "<missing>"
+
+    def integer(self, path: str, minimum: Optional[int] = None, maximum: Optional[int] = None,
+                optional: bool = False) -> bool:
+        """Whether the field is an int (not a bool) in [minimum, maximum], or None if optional."""
+        value = self.get(path)
+        if value is None and optional:
+            return True
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(path, "must be an integer" + (" or None" if optional else ""))
+            return False
+        return self._in_range(path, value, minimum, maximum)
+
+    def number(self, path: str, minimum: Optional[float] = None, maximum: Optional[float] = None,
+               exclusive_minimum: bool = False, exclusive_maximum: bool = False) -> bool:
+        """Whether the field is a finite real number in the given (half-)open or closed range."""
+        value = self.get(path)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.error(path, "must be a finite number")
+            return False
+        return self._in_range(path, value, minimum, maximum, exclusive_minimum, exclusive_maximum)
+
+    def _in_range(self, path, value, minimum, maximum, exclusive_minimum=False,
+                  exclusive_maximum=False) -> bool:
+        low_ok = minimum is None or (value > minimum if exclusive_minimum else value >= minimum)
+        high_ok = maximum is None or (value < maximum if exclusive_maximum else value <= maximum)
+        if low_ok and high_ok:
+            return True
+        low = "-inf" if minimum is None else minimum
+        high = "inf" if maximum is None else maximum
+        self.error(path, f"must be in {'(' if exclusive_minimum else '['}{low}, "
+                         f"{high}{')' if exclusive_maximum or maximum is None else ']'}")
+        return False
+
+    def boolean(self, path: str) -> bool:
+        if not isinstance(self.get(path), bool):
+            self.error(path, "must be True or False")
+            return False
+        return True
+
+    def string(self, path: str) -> bool:
+        if not isinstance(self.get(path), str):
+            self.error(path, "must be a string")
+            return False
+        return True
+
+    def choice(self, path: str, choices: Iterable[str]) -> bool:
+        choices = sorted(choices)
+        value = self.get(path)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            self.error(path, f"must be one of {choices}{hint}")
+            return False
+        return True
+
+
+def _check_keys(check: _Checker) -> None:
+    """Report missing fields, and unknown ones with the closest known name."""
+    config = check.config
+    for section, names in FIELDS.items():
+        node = config if not section else config.get(section)
+        prefix = f"{section}." if section else ""
+        if node is None:
+            check.errors.append(f"config.{section} is missing (a section with fields {list(names)})")
+            continue
+        for name in names:
+            if name not in node:
+                check.errors.append(f"config.{prefix}{name} is missing")
+        known = names if section else names + tuple(s for s in FIELDS if s) + ("eval",)
+        for name in node.keys():
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean config.{prefix}{close[0]}?" if close else ""
+                check.errors.append(f"config.{prefix}{name} is not a known field{hint}")
+
+
+def _check_data(check: _Checker) -> None:
+    check.choice("data.dataset", DATASETS)
+    for path in ("data.folder", "data.tfds_data_dir", "data.manual_dir"):
+        check.string(path)
+    check.boolean("data.random_flip")
+    size_ok = check.integer("data.image_size", minimum=1)
+    channels_ok = _channels(check)
+    dataset = check.get("data.dataset")
+    if dataset == "folder" and isinstance(check.get("data.folder"), str):
+        folder = check.get("data.folder")
+        if not folder:
+            check.error("data.folder", "must name the image folder when config.data.dataset is "
+                                       "'folder'")
+        elif not os.path.isdir(os.path.expanduser(folder)):
+            check.error("data.folder", "is not a directory")
+    if dataset in TFDS_IMAGE_SHAPES and size_ok and channels_ok:
+        size, channels = TFDS_IMAGE_SHAPES[dataset]
+        if (check.get("data.image_size"), check.get("data.channels")) != (size, channels):
+            check.error("data.image_size",
+                        f"{dataset} images are {size}x{size}x{channels}: set "
+                        f"config.data.image_size={size} and config.data.channels={channels} "
+                        f"(got channels={check.get('data.channels')!r})")
+
+
+def _channels(check: _Checker) -> bool:
+    value = check.get("data.channels")
+    if isinstance(value, bool) or value not in (1, 3):
+        check.error("data.channels", "must be 1 (grayscale) or 3 (RGB)")
+        return False
+    return True
+
+
+def _check_diffusion(check: _Checker) -> None:
+    check.integer("diffusion.timesteps", minimum=1)
+    check.choice("diffusion.beta_schedule", BETA_SCHEDULES)
+    check.choice("diffusion.loss_type", LOSS_TYPES)
+
+
+def _is_int_sequence(value: Any) -> bool:
+    return (isinstance(value, (tuple, list)) and len(value) > 0
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+
+
+def _check_model(check: _Checker) -> None:
+    ok = all([
+        check.integer("model.dim", minimum=1),
+        check.integer("model.init_dim", minimum=1, optional=True),
+        check.boolean("model.with_time_emb"),
+        check.integer("model.resnet_block_groups", minimum=1),
+        check.boolean("model.use_convnext"),
+        check.integer("model.convnext_mult", minimum=1),
+        check.number("model.dropout", minimum=0.0, maximum=1.0, exclusive_maximum=True),
+        check.choice("model.dtype", MODEL_DTYPES),
+    ])
+    if not _is_int_sequence(check.get("model.dim_mults")):
+        check.error("model.dim_mults", "must be a non-empty tuple of positive integers, "
+                                       "e.g. (1, 2, 4)")
+        ok = False
+    image_size = check.get("data.image_size")
+    if not ok or isinstance(image_size, bool) or not isinstance(image_size, int):
+        return
+    model = check.get("model")
+    try:
+        unet.validate_unet_config(
+            image_size, dim=model.dim, dim_mults=tuple(model.dim_mults), init_dim=model.init_dim,
+            with_time_emb=model.with_time_emb, resnet_block_groups=model.resnet_block_groups,
+            use_convnext=model.use_convnext, dropout=model.dropout)
+    except ValueError as e:
+        check.errors.append(f"config.model (with config.data.image_size={image_size}): {e}")
+
+
+def _check_optim(check: _Checker) -> None:
+    check.number("optim.learning_rate", minimum=0.0, exclusive_minimum=True)
+    check.integer("optim.warmup_steps", minimum=0)
+    check.number("optim.grad_clip_norm", minimum=0.0)
+    check.number("optim.b1", minimum=0.0, maximum=1.0, exclusive_maximum=True)
+    check.number("optim.b2", minimum=0.0, maximum=1.0, exclusive_maximum=True)
+    check.number("optim.eps", minimum=0.0, exclusive_minimum=True)
+    check.number("optim.ema_decay", minimum=0.0, maximum=1.0, exclusive_maximum=True)
+
+
+def _divisible(check: _Checker, path: str, value: int, divisor: int, what: str) -> None:
+    if value % divisor:
+        below = value // divisor * divisor
+        options = " or ".join(str(v) for v in (below, below + divisor) if v > 0)
+        check.error(path, f"must be divisible by the {divisor} {what} (each gets an equal "
+                          f"share); e.g. {options}")
+
+
+def _check_training(check: _Checker, num_devices: int, process_count: int) -> None:
+    if check.integer("training.batch_size", minimum=1):
+        batch_size = check.get("training.batch_size")
+        _divisible(check, "training.batch_size", batch_size, num_devices, "devices")
+        _divisible(check, "training.batch_size", batch_size, process_count, "processes")
+    check.integer("training.num_train_steps", minimum=1, optional=True)
+    if check.get("training.num_train_steps") is None:
+        check.number("training.num_epochs", minimum=0.0, exclusive_minimum=True)
+    for path in ("training.log_every", "training.checkpoint_every", "training.keep_checkpoints"):
+        check.integer(path, minimum=1)
+    check.integer("training.sample_every", minimum=0)
+    check.integer("training.num_sample_images", minimum=1)
+    check.choice("training.nan_policy", NAN_POLICIES)
+    check.string("training.compilation_cache_dir")
+
+
+def _check_sampling(check: _Checker) -> None:
+    check.choice("sampling.sampler", SAMPLERS)
+    timesteps = check.get("diffusion.timesteps")
+    # DDIM visits at most every timestep; DDPM ignores ddim_steps.
+    ddim = check.get("sampling.sampler") == "ddim"
+    maximum = timesteps if ddim and isinstance(timesteps, int) and timesteps >= 1 else None
+    check.integer("sampling.ddim_steps", minimum=1, maximum=maximum)
+    check.number("sampling.ddim_eta", minimum=0.0)
+
+
+def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> None:
+    """Raise ConfigError listing every field of `config` that cannot work.
+
+    num_devices / process_count: the global device and process counts of the
+    run, which the global batch must split evenly over.
+    """
+    check = _Checker(config)
+    _check_keys(check)
+    if check.errors:  # the field checks below assume every field is present
+        raise ConfigError(_message(check.errors))
+    check.integer("seed", minimum=0, maximum=2**31 - 1)  # the samplers take it as an int32
+    _check_data(check)
+    _check_diffusion(check)
+    _check_model(check)
+    _check_optim(check)
+    _check_training(check, num_devices, process_count)
+    _check_sampling(check)
+    if "eval" in config:
+        try:
+            evaluation.validate_config(config.eval)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            check.errors.append(str(e))
+    if check.errors:
+        raise ConfigError(_message(check.errors))
+
+
+def _message(errors: Sequence[str]) -> str:
+    plural = "s" if len(errors) > 1 else ""
+    return f"invalid config ({len(errors)} problem{plural}):\n  " + "\n  ".join(errors)

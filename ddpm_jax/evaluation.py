@@ -1,0 +1,313 @@
+"""Test-set bits/dim and sample quality of a model, on demand or every K training steps.
+
+Bits/dim is the full DDPM variational bound (`likelihood.calc_bpd_loop`: the
+prior term, the T-1 KL terms and the discretized decoder) of each held-out
+image, reported as the mean and its standard error. Image i draws its noise
+from `fold_in(PRNGKey(eval.seed), i)`, so its bound does not depend on the
+batch size, on padding or on the device count, and the same images get the
+same noise at every evaluation: differences between steps are the model's.
+
+Sample quality is the Fréchet distance between features of generated images
+and of the held-out split, in the penultimate layer of the project's own
+classifier (`ddpm_jax.classifier`, comparable only between runs that use the
+same classifier), with the class histogram of the samples (mode coverage). When the user
+provides pytorch-fid's Inception weights (`eval.inception_weights`), the
+standard Inception FID (`ddpm_jax.inception`) is reported too: the number to
+compare with papers, against the training split or precomputed statistics.
+Samples are quantized to 8 bits first, as saved images are.
+
+Everything runs jitted on a 1-D 'data' mesh: the batch split over devices,
+parameters replicated, results replicated so every process can read them.
+"""
+import logging
+import math
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from ddpm_jax import (classifier, fid, inception, input_pipeline, likelihood, parallel, sampling,
+                      train_state)
+from ddpm_jax.schedules import DiffusionSchedule, make_schedule
+
+log = logging.getLogger(__name__)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """`config.eval`: what to evaluate, how often (in steps; 0 = never) and on how much data."""
+    return ml_collections.ConfigDict(dict(
+        split="test",              # the held-out split of config.data.dataset
+        seed=0,                    # noise of the bound and of the samples
+        bpd_every=0,               # bits/dim every this many training steps; 0 = off
+        bpd_num_images=256,        # first N images of the split (full split: 10000)
+        bpd_batch_size=64,         # images per compiled call (rounded up to the devices)
+        fid_every=0,               # sample quality every this many training steps; 0 = off
+        fid_num_samples=1000,      # generated images per evaluation
+        fid_reference_images=0,    # first N split images for the reference; 0 = all
+        classifier_dir="",         # from train_classifier.py; '' = no classifier FD
+        inception_weights="",      # pytorch-fid's pt_inception-2015-12-05-6726825d.pth;
+                                   # '' = no Inception FID
+        inception_reference_stats="",  # pytorch-fid .npz (mu, sigma); '' = the train split
+    ))
+
+
+def validate_config(eval_config) -> None:
+    """Raise ValueError naming the first bad `config.eval` field."""
+    for field in ("bpd_every", "fid_every", "fid_reference_images"):
+        if eval_config[field] < 0:
+            raise ValueError(f"config.eval.{field} must be >= 0, got {eval_config[field]}")
+    for field in ("bpd_num_images", "bpd_batch_size"):
+        if eval_config[field] < 1:
+            raise ValueError(f"config.eval.{field} must be >= 1, got {eval_config[field]}")
+    if eval_config.fid_num_samples < 2:
+        raise ValueError(f"config.eval.fid_num_samples must be >= 2 (a covariance needs two), "
+                         f"got {eval_config.fid_num_samples}")
+    if eval_config.fid_every > 0 and not (eval_config.classifier_dir
+                                          or eval_config.inception_weights):
+        raise ValueError("config.eval.fid_every > 0 needs config.eval.classifier_dir "
+                         "(train one with `python train_classifier.py --output_dir=DIR`) "
+                         "and/or config.eval.inception_weights (pytorch-fid's .pth file)")
+
+
+# --- Bits per dimension ---------------------------------------------------------------------
+
+def per_image_bpd(schedule: DiffusionSchedule, apply_fn: sampling.ApplyFn, params, images,
+                  indices, key) -> Dict[str, jnp.ndarray]:
+    """The bound of each image [B] with its own key `fold_in(key, index)`, in bits/dim.
+
+    Returns `total_bpd`, `prior_bpd`, `decoder_bpd` (L_0) and `kl_bpd` (the
+    T-1 KL terms summed), each [B]; total = prior + decoder + kl.
+    """
+    def one(image, index):
+        out = likelihood.calc_bpd_loop(schedule, lambda x, t: apply_fn(params, x, t),
+                                       image[None], jax.random.fold_in(key, index))
+        terms = out["terms_bpd"][0]
+        return {"total_bpd": out["total_bpd"][0], "prior_bpd": out["prior_bpd"][0],
+                "decoder_bpd": terms[0], "kl_bpd": jnp.sum(terms[1:])}
+    return jax.vmap(one)(images, indices)
+
+
+def _per_image_bpd_sharded(schedule, params, images, indices, key, *, apply_fn, mesh):
+    out = per_image_bpd(schedule, apply_fn, params, images, indices, key)
+    return jax.lax.with_sharding_constraint(out, parallel.replicated(mesh))
+
+
+_per_image_bpd_jit = jax.jit(_per_image_bpd_sharded, static_argnames=("apply_fn", "mesh"))
+
+
+def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host copy that every process holds in full."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def bits_per_dim(apply_fn: sampling.ApplyFn, params, schedule: DiffusionSchedule,
+                 images: np.ndarray, *, mesh: Mesh, seed: int = 0, batch_size: int = 64
+                 ) -> Dict[str, np.ndarray]:
+    """Per-image bound terms (numpy [N] each, see `per_image_bpd`) of images [N, H, W, C].
+
+    The images go in fixed batches of min(batch_size, N) rounded up to a
+    multiple of the device count (one compilation); the last batch is padded
+    and its padding dropped.
+    """
+    num_devices = mesh.devices.size
+    batch = math.ceil(min(batch_size, len(images)) / num_devices) * num_devices
+    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    params, schedule = jax.device_put((params, schedule), replicated)
+    key = jax.device_put(jax.random.PRNGKey(seed), replicated)
+    chunks = []
+    for start in range(0, len(images), batch):
+        indices = np.arange(start, start + batch, dtype=np.int32)
+        chunk = images[start:start + batch]
+        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])
+        out = _per_image_bpd_jit(schedule, params, _global_array(padded, sharded),
+                                 _global_array(indices, sharded), key,
+                                 apply_fn=apply_fn, mesh=mesh)
+        chunks.append({k: np.asarray(v)[:len(chunk)] for k, v in out.items()})
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def summarize_bpd(per_image: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """Mean of each term, and the standard error of the mean of the total."""
+    total = per_image["total_bpd"].astype(np.float64)
+    n = len(total)
+    stderr = float(np.std(total, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    return {"bpd": float(total.mean()), "bpd_stderr": stderr,
+            "bpd_prior": float(np.mean(per_image["prior_bpd"])),
+            "bpd_decoder": float(np.mean(per_image["decoder_bpd"])),
+            "bpd_kl": float(np.mean(per_image["kl_bpd"])), "bpd_num_images": n}
+
+
+# --- Sample quality -------------------------------------------------------------------------
+
+def quantize(images: np.ndarray) -> np.ndarray:
+    """Clip to [-1, 1] and round to the 256 levels of an 8-bit image, as a saved PNG holds it."""
+    levels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5)
+    return (levels / 127.5 - 1.0).astype(np.float32)
+
+
+class ClassifierScorer:
+    """Fréchet distance in a trained classifier's features, and the class histogram."""
+
+    def __init__(self, classifier_dir: str, reference_images: np.ndarray):
+        self.model, self.params, self.metadata = classifier.load_classifier(classifier_dir)
+        self._apply = classifier.make_apply_fn(self.model)
+        _, features = classifier.predict(self._apply, self.params, reference_images)
+        self.reference = fid.feature_statistics(features)
+
+    def __call__(self, samples: np.ndarray) -> Dict[str, float]:
+        logits, features = classifier.predict(self._apply, self.params, samples)
+        histogram = classifier.class_histogram(logits, self.model.num_classes)
+        scores = {"classifier_fd": fid.frechet_distance(fid.feature_statistics(features),
+                                                        self.reference),
+                  "class_entropy_bits": histogram["class_entropy_bits"],
+                  "num_classes_covered": histogram["num_classes_covered"]}
+        scores.update({f"class_fraction_{k}": float(f)
+                       for k, f in enumerate(histogram["class_fractions"])})
+        return scores
+
+
+class InceptionScorer:
+    """The standard FID: pool3 features of pytorch-fid's Inception-v3 (compare with papers).
+
+    The reference is pytorch-fid statistics (`reference_stats_path`, an .npz of
+    mu and sigma) or the features of `reference_images` (papers: the whole
+    training split). The weights load first, so a missing file fails early.
+    """
+
+    def __init__(self, weights_path: str, *, reference_stats_path: str = "",
+                 reference_images: Optional[np.ndarray] = None, mesh: Optional[Mesh] = None):
+        self.model, self.variables = inception.load_inception(weights_path)
+        self.mesh = mesh
+        if reference_stats_path:
+            self.reference = fid.load_statistics(reference_stats_path)
+        elif reference_images is not None:
+            self.reference = fid.feature_statistics(self.features(reference_images))
+        else:
+            raise ValueError("InceptionScorer needs reference_stats_path or reference_images")
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return inception.inception_features(self.model, self.variables, images, mesh=self.mesh)
+
+    def __call__(self, samples: np.ndarray) -> Dict[str, float]:
+        stats = fid.feature_statistics(self.features(samples))
+        return {"inception_fid": fid.frechet_distance(stats, self.reference)}
+
+
+# --- During training and by command ---------------------------------------------------------
+
+def load_split_images(config, split: str, num_images: Optional[int]) -> np.ndarray:
+    """The first `num_images` (None: all) images of `split` of the config's dataset, [-1, 1]."""
+    data = config.data
+    source = input_pipeline.open_source(
+        data.dataset, split, image_size=data.image_size, channels=data.channels,
+        data_dir=data.tfds_data_dir or None, manual_dir=data.manual_dir or None,
+        folder=data.folder or None)
+    if num_images is not None and num_images > len(source):
+        raise ValueError(f"{num_images} images were asked of split {split!r}, which has "
+                         f"{len(source)}")
+    return np.concatenate(list(input_pipeline.eval_batches(source, 1000, num_images)))
+
+
+class Evaluator:
+    """The evaluations of one model config; build once, call with each step's parameters.
+
+    The held-out images, the classifier and its reference statistics are loaded
+    once, when their evaluation is enabled (`config.eval.bpd_every` or
+    `fid_every` > 0, or `with_bpd` / `with_sample_quality` True). Sample
+    quality uses the classifier (`eval.classifier_dir`) and/or the Inception
+    network (`eval.inception_weights`; reference: `eval.inception_reference_stats`,
+    else the first `fid_reference_images` images of the train split). `__call__(params, step)` runs
+    what is due at `step` and returns flat scalars for the metrics writer.
+    """
+
+    def __init__(self, config, mesh: Mesh, *, with_bpd: Optional[bool] = None,
+                 with_sample_quality: Optional[bool] = None,
+                 log_fn: Callable[[str], None] = log.info):
+        e = config.eval
+        validate_config(e)
+        self.config, self.mesh, self.log = config, mesh, log_fn
+        self.bpd_enabled = e.bpd_every > 0 if with_bpd is None else with_bpd
+        self.fid_enabled = e.fid_every > 0 if with_sample_quality is None else with_sample_quality
+        self.schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
+        self.apply_fn = sampling.ModelApply(train_state.create_model(config))
+        self.bpd_images = (load_split_images(config, e.split, e.bpd_num_images)
+                           if self.bpd_enabled else None)
+        self.scorers = []
+        if self.fid_enabled:
+            if not (e.classifier_dir or e.inception_weights):
+                raise ValueError("sample quality needs config.eval.classifier_dir (train one "
+                                 "with `python train_classifier.py --output_dir=DIR`) and/or "
+                                 "config.eval.inception_weights (pytorch-fid's .pth file)")
+            if e.classifier_dir:
+                reference = load_split_images(config, e.split, e.fid_reference_images or None)
+                self.scorers.append(ClassifierScorer(e.classifier_dir, reference))
+            if e.inception_weights:
+                train_images = (None if e.inception_reference_stats else load_split_images(
+                    config, "train", e.fid_reference_images or None))
+                self.scorers.append(InceptionScorer(
+                    e.inception_weights, reference_stats_path=e.inception_reference_stats,
+                    reference_images=train_images, mesh=mesh))
+
+    def bits_per_dim(self, params) -> Dict[str, float]:
+        e = self.config.eval
+        per_image = bits_per_dim(self.apply_fn, params, self.schedule, self.bpd_images,
+                                 mesh=self.mesh, seed=e.seed, batch_size=e.bpd_batch_size)
+        return summarize_bpd(per_image)
+
+    def sample_quality(self, params, num_samples: Optional[int] = None) -> Dict[str, float]:
+        c = self.config
+        n = c.eval.fid_num_samples if num_samples is None else num_samples
+        result = sampling.generate(
+            self.apply_fn, params, self.schedule,
+            (c.data.image_size, c.data.image_size, c.data.channels), n, seed=c.eval.seed,
+            sampler=c.sampling.sampler, ddim_steps=c.sampling.ddim_steps,
+            ddim_eta=c.sampling.ddim_eta, mesh=self.mesh)
+        samples = quantize(result.images)
+        scores = {"fid_num_samples": n}
+        for scorer in self.scorers:
+            scores.update(scorer(samples))
+        return scores
+
+    def _bpd_due(self, step: int) -> bool:
+        every = self.config.eval.bpd_every
+        return self.bpd_enabled and every > 0 and step % every == 0
+
+    def _fid_due(self, step: int) -> bool:
+        every = self.config.eval.fid_every
+        return self.fid_enabled and every > 0 and step % every == 0
+
+    def due(self, step: int) -> bool:
+        """Whether `__call__(params, step)` would evaluate anything (the loop may skip it)."""
+        return self._bpd_due(step) or self._fid_due(step)
+
+    def __call__(self, params, step: int) -> Dict[str, Any]:
+        """The evaluations due at `step` (bits/dim, sample quality), prefixed 'eval/'."""
+        out = {}
+        if self._bpd_due(step):
+            out.update(self.bits_per_dim(params))
+        if self._fid_due(step):
+            out.update(self.sample_quality(params))
+        if out:
+            self.log(f"eval at step {step}: " + format_scores(out))
+        return {f"eval/{k}": v for k, v in out.items()}
+
+
+def format_scores(scores: Dict[str, Any]) -> str:
+    """The headline numbers on one line."""
+    parts = []
+    if "bpd" in scores:
+        parts.append(f"bits/dim {scores['bpd']:.4f} +- {scores['bpd_stderr']:.4f} "
+                     f"({scores['bpd_num_images']} images; prior {scores['bpd_prior']:.4f}, "
+                     f"KL terms {scores['bpd_kl']:.4f}, decoder {scores['bpd_decoder']:.4f})")
+    if "inception_fid" in scores:
+        parts.append(f"Inception FID {scores['inception_fid']:.3f} "
+                     f"({scores['fid_num_samples']} samples)")
+    if "classifier_fd" in scores:
+        parts.append(f"classifier FD {scores['classifier_fd']:.4f} "
+                     f"({scores['fid_num_samples']} samples; class entropy "
+                     f"{scores['class_entropy_bits']:.3f} bits, "
+                     f"{scores['num_classes_covered']} classes covered)")
+    return "; ".join(parts)

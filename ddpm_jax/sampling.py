@@ -1,0 +1,322 @@
+"""Generate images from a trained network: DDPM or DDIM, one compiled scan, sharded over devices.
+
+Every image draws its randomness from its own key, `fold_in(key(seed), i)` for
+image i: its x_T and the noise of each step do not depend on how many images
+are requested, on the chunk size, on padding or on the device count. Image i
+is what the foundation's `p_sample_loop` (or `ddim_sample_loop`) returns for
+shape (1, H, W, C) and that key; the per-step updates are the foundation's
+`p_sample` and `ddim_step`, vmapped over the images. Results are bit for bit
+equal whenever each device computes the same number of images per call; with
+another per-device batch, XLA's kernels may round differently (about 1e-6).
+
+A request is split into chunks of equal size (one compilation serves every
+chunk); each chunk's batch is split over a 1-D device mesh with axis 'data'
+and the parameters are replicated. Equal chunks that are multiples of the
+device count may overshoot the request: `plan_chunks` picks the fewest chunks
+that fit the chunk limit and then the smallest such chunk, so fewer than
+(device count) images per chunk are computed and dropped. The alternative, a
+second program for the remainder, would cost a compilation (seconds to
+minutes) to save less than one image per device per chunk.
+"""
+import dataclasses
+import math
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from ddpm_jax import diffusion, parallel
+from ddpm_jax.schedules import DiffusionSchedule
+
+SAMPLERS = ("ddpm", "ddim")
+# The default chunk holds this many pixels per device (64 images of 32x32):
+# small enough for the activations of one network call on any accelerator,
+# large enough to keep it busy.
+PIXELS_PER_DEVICE = 64 * 32 * 32
+
+ApplyFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (params, x, t) -> noise
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelApply:
+    """`(params, x, t) -> predicted noise` of a Flax network in inference mode.
+
+    Hashable by the module's fields, so that `generate` calls with equal
+    networks reuse one compilation.
+    """
+    model: nn.Module
+
+    def __call__(self, params, x, t):
+        return self.model.apply({"params": params}, x, t, train=False)
+
+
+def check_sampler(num_timesteps: int, sampler: str, ddim_steps: int, ddim_eta: float) -> None:
+    """Raise ValueError naming the bad argument of a sampler configuration."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
+    if sampler == "ddim":
+        if not 1 <= ddim_steps <= num_timesteps:
+            raise ValueError(f"ddim_steps must be in [1, {num_timesteps}] (the model's "
+                             f"diffusion timesteps), got {ddim_steps}")
+        if not ddim_eta >= 0.0:
+            raise ValueError(f"ddim_eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like "
+                             f"noise), got {ddim_eta}")
+
+
+def num_sampling_steps(num_timesteps: int, sampler: str, ddim_steps: int) -> int:
+    """How many network calls one image takes."""
+    if sampler == "ddim":
+        return len(diffusion.ddim_timesteps(num_timesteps, ddim_steps))
+    return num_timesteps
+
+
+def trajectory_steps(num_steps: int, max_frames: Optional[int] = None) -> Tuple[int, ...]:
+    """The steps a trajectory keeps: all, or `max_frames` evenly spaced ones that always
+    include the last (the finished images) and, from two frames on, the first."""
+    if max_frames is None or max_frames >= num_steps:
+        return tuple(range(num_steps))
+    if max_frames < 1:
+        raise ValueError(f"trajectory_frames must be >= 1, got {max_frames}")
+    if max_frames == 1:
+        return (num_steps - 1,)
+    return tuple(int(s) for s in np.unique(np.round(np.linspace(0, num_steps - 1, max_frames))))
+
+
+def image_keys(seed, indices) -> jax.Array:
+    """The key of each image: `fold_in(key(seed), index)` for int indices [B]."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.int32))
+
+
+def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, keys: jax.Array,
+                 image_shape: Tuple[int, int, int], sampler: str = "ddpm", ddim_steps: int = 50,
+                 ddim_eta=0.0, trajectory_positions: Optional[jnp.ndarray] = None,
+                 frame_steps: Optional[Sequence[int]] = None):
+    """Images x_0 [B, H, W, C] for per-image keys [B], as one `lax.scan` over the steps.
+
+    Image b equals, up to float rounding, `p_sample_loop(schedule, denoise_fn,
+    (1, *image_shape), keys[b])` (or `ddim_sample_loop`): the same key splits,
+    the same per-step fold_in. With `trajectory_positions` (int [K], positions
+    in this batch) also returns those K images after each of the steps
+    `frame_steps` (default all; see `trajectory_steps`), [F, K, H, W, C],
+    keeping nothing of the other images and steps; else None.
+    """
+    split = jax.vmap(jax.random.split)(keys)
+    init_keys, loop_keys = split[:, 0], split[:, 1]
+    # One [1, H, W, C] image per key, as the foundation's loops draw it.
+    x = jax.vmap(lambda k: jax.random.normal(k, (1, *image_shape), jnp.float32))(init_keys)
+
+    if sampler == "ddpm":
+        ts = np.arange(schedule.num_timesteps - 1, -1, -1, dtype=np.int32)
+        t_prevs = ts - 1
+
+        def update(x_one, t, t_prev, key):
+            del t_prev
+            return diffusion.p_sample(schedule, denoise_fn, x_one, jnp.full((1,), t, jnp.int32),
+                                      key)
+    else:
+        ts = diffusion.ddim_timesteps(schedule.num_timesteps, ddim_steps)
+        t_prevs = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+
+        def update(x_one, t, t_prev, key):
+            return diffusion.ddim_step(schedule, denoise_fn, x_one, t, t_prev, ddim_eta, key)
+
+    frame_steps = range(len(ts)) if frame_steps is None else frame_steps
+    frame_of_step = np.full(len(ts), -1, np.int32)  # -1: the step is not kept
+    frame_of_step[list(frame_steps)] = np.arange(len(frame_steps))
+    frames = (None if trajectory_positions is None else
+              jnp.zeros((len(frame_steps), len(trajectory_positions), *image_shape), jnp.float32))
+
+    def step(carry, inputs):
+        x, frames = carry
+        t, t_prev, frame = inputs
+        x = jax.vmap(lambda x_one, k: update(x_one, t, t_prev, jax.random.fold_in(k, t)))(
+            x, loop_keys)
+        if frames is not None:
+            slot = jnp.maximum(frame, 0)
+            frames = frames.at[slot].set(
+                jnp.where(frame >= 0, x[trajectory_positions, 0], frames[slot]))
+        return (x, frames), None
+
+    (x, frames), _ = jax.lax.scan(
+        step, (x, frames), (jnp.asarray(ts), jnp.asarray(t_prevs), jnp.asarray(frame_of_step)))
+    return x[:, 0], frames
+
+
+def _sample_chunk(params, schedule, seed, indices, trajectory_positions, ddim_eta, *,
+                  apply_fn, image_shape, sampler, ddim_steps, frame_steps, mesh):
+    """One chunk: the images of global `indices` (sharded over 'data'), x_0 and trajectory."""
+    images, trajectory = sample_batch(
+        schedule, lambda x, t: apply_fn(params, x, t), image_keys(seed, indices), image_shape,
+        sampler, ddim_steps, ddim_eta, trajectory_positions, frame_steps)
+    images = jax.lax.with_sharding_constraint(images, parallel.batch_sharded(mesh))
+    if trajectory is not None:
+        trajectory = jax.lax.with_sharding_constraint(trajectory, parallel.replicated(mesh))
+    return images, trajectory
+
+
+_sample_chunk_jit = jax.jit(_sample_chunk, static_argnames=(
+    "apply_fn", "image_shape", "sampler", "ddim_steps", "frame_steps", "mesh"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    """`num_chunks` compiled calls of `chunk_size` images (a multiple of the device count)."""
+    chunk_size: int
+    num_chunks: int
+
+    @property
+    def num_padded(self) -> int:
+        return self.chunk_size * self.num_chunks
+
+
+def default_chunk_size(image_shape: Sequence[int], num_devices: int) -> int:
+    """PIXELS_PER_DEVICE worth of images per device (at least one), times the devices."""
+    height, width = image_shape[:2]
+    return max(1, PIXELS_PER_DEVICE // (height * width)) * num_devices
+
+
+def plan_chunks(num_images: int, num_devices: int, max_chunk_size: int) -> ChunkPlan:
+    """The fewest equal chunks of at most `max_chunk_size` images, each as small as possible.
+
+    A chunk is a multiple of `num_devices` (a limit below the device count is
+    raised to it), so at most num_devices - 1 images per chunk are computed
+    and dropped: 13 images on 8 devices run as one chunk of 16; 100 images
+    with a limit of 64 as two chunks of 56, not two of 64.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if max_chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {max_chunk_size}")
+    limit = max(num_devices, max_chunk_size // num_devices * num_devices)
+    num_chunks = math.ceil(num_images / limit)
+    chunk_size = math.ceil(math.ceil(num_images / num_chunks) / num_devices) * num_devices
+    return ChunkPlan(chunk_size, num_chunks)
+
+
+class Progress(NamedTuple):
+    """Where a generation stands after a chunk has reached the host."""
+    chunks_done: int
+    num_chunks: int
+    images_done: int
+    num_images: int
+    elapsed_s: float  # since sampling started, compilation excluded
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_done / self.elapsed_s if self.elapsed_s > 0 else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    images: np.ndarray                 # [N, H, W, C] float32, unclipped (about [-1, 1])
+    trajectory: Optional[np.ndarray]   # [F, K, H, W, C] for the trajectory indices, or None
+    trajectory_steps: Tuple[int, ...]  # the steps (0 = the first) the F frames show
+    plan: ChunkPlan
+    compile_s: float
+    sample_s: float                    # wall time of all chunks, compilation excluded
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this process (gathered from the others when it spans processes)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
+             image_shape: Sequence[int], num_images: int, *, seed: int = 0,
+             sampler: str = "ddpm", ddim_steps: int = 50, ddim_eta: float = 0.0,
+             trajectory_indices: Sequence[int] = (), trajectory_frames: Optional[int] = None,
+             chunk_size: Optional[int] = None,
+             mesh: Optional[Mesh] = None,
+             progress: Optional[Callable[[Progress], None]] = None) -> SampleResult:
+    """`num_images` samples of the network `apply_fn(params, x, t)`, on every device of `mesh`.
+
+    Args:
+      apply_fn: hashable `(params, x, t) -> predicted noise`, e.g. `ModelApply(model)`;
+        equal apply_fns (and shapes and sampler settings) reuse one compilation.
+      image_shape: (H, W, C) of the images the network was trained on.
+      seed: the images are a function of (seed, image index) only.
+      sampler: 'ddpm' (ancestral, all T steps) or 'ddim' (`ddim_steps` steps, `ddim_eta`).
+      trajectory_indices: images whose steps to keep, e.g. for a GIF.
+      trajectory_frames: keep at most this many steps (`trajectory_steps`); None: all.
+      chunk_size: most images per compiled call; None: `default_chunk_size`.
+      mesh: a 1-D mesh with axis 'data'; None: all devices.
+      progress: called on the host after each chunk.
+    """
+    image_shape = tuple(int(s) for s in image_shape)
+    if len(image_shape) != 3:
+        raise ValueError(f"image_shape must be (H, W, C), got {image_shape}")
+    check_sampler(schedule.num_timesteps, sampler, ddim_steps, ddim_eta)
+    if not -2**31 <= seed < 2**31:
+        raise ValueError(f"seed must fit in int32, got {seed}")
+    trajectory_indices = [int(i) for i in trajectory_indices]
+    if any(not 0 <= i < num_images for i in trajectory_indices):
+        raise ValueError(f"trajectory_indices must be in [0, num_images={num_images}), "
+                         f"got {trajectory_indices}")
+    num_steps = num_sampling_steps(schedule.num_timesteps, sampler, ddim_steps)
+    # Static (part of the compiled program): only when a trajectory is kept.
+    frame_steps = trajectory_steps(num_steps, trajectory_frames) if trajectory_indices else ()
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    num_devices = mesh.devices.size
+    plan = plan_chunks(num_images, num_devices, default_chunk_size(image_shape, num_devices)
+                       if chunk_size is None else chunk_size)
+
+    put = lambda tree: jax.device_put(tree, parallel.replicated(mesh))  # noqa: E731
+    params, schedule = put(params), put(schedule)
+    seed_array, eta = put(np.int32(seed)), put(np.float32(ddim_eta))
+    wanted = np.asarray(trajectory_indices, np.int64)
+
+    def chunk_inputs(chunk: int):
+        start = chunk * plan.chunk_size
+        indices = jax.device_put(np.arange(start, start + plan.chunk_size, dtype=np.int32),
+                                 parallel.batch_sharded(mesh))
+        # Every chunk returns len(wanted) frames; those of images in other chunks are dropped.
+        positions = (put(np.clip(wanted - start, 0, plan.chunk_size - 1).astype(np.int32))
+                     if len(wanted) else None)
+        return indices, positions
+
+    static = dict(apply_fn=apply_fn, image_shape=image_shape, sampler=sampler,
+                  ddim_steps=ddim_steps if sampler == "ddim" else 0, frame_steps=frame_steps,
+                  mesh=mesh)
+    start_compile = time.perf_counter()
+    compiled = _sample_chunk_jit.lower(params, schedule, seed_array, *chunk_inputs(0), eta,
+                                       **static).compile()
+    compile_s = time.perf_counter() - start_compile
+
+    images = np.empty((plan.num_padded, *image_shape), np.float32)
+    trajectory = (np.empty((len(frame_steps), len(wanted), *image_shape), np.float32)
+                  if len(wanted) else None)
+    start = time.perf_counter()
+
+    def collect(chunk: int, outputs) -> None:
+        chunk_images, chunk_trajectory = outputs
+        begin = chunk * plan.chunk_size
+        images[begin:begin + plan.chunk_size] = _to_host(chunk_images)
+        if trajectory is not None:
+            mine = (wanted >= begin) & (wanted < begin + plan.chunk_size)
+            if mine.any():
+                trajectory[:, mine] = _to_host(chunk_trajectory)[:, mine]
+        if progress is not None:
+            progress(Progress(chunk + 1, plan.num_chunks,
+                              min(num_images, begin + plan.chunk_size), num_images,
+                              time.perf_counter() - start))
+
+    # Dispatch chunk c + 1 before copying chunk c to the host, so devices never wait.
+    pending = None
+    for chunk in range(plan.num_chunks):
+        outputs = compiled(params, schedule, seed_array, *chunk_inputs(chunk), eta)
+        if pending is not None:
+            collect(*pending)
+        pending = (chunk, outputs)
+    collect(*pending)
+    return SampleResult(images[:num_images], trajectory, frame_steps, plan, compile_s,
+                        time.perf_counter() - start)

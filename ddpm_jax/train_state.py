@@ -1,0 +1,76 @@
+"""The training state, the network and the optimizer, all built from the config.
+
+Everything a resumed run needs is in `TrainState`: with the step number, the
+RNG key and the optimizer moments restored, the run continues bit for bit as
+if it had never stopped (the data pipeline's batches are a pure function of
+the seed and the step, so its position is `step`).
+"""
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from ddpm_jax.unet import Unet
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step: updates attempted so far (int32 scalar); the next batch is batch number `step`.
+    params / ema_params: the network's weights and their exponential moving average.
+    opt_state: Adam's moments and update count.
+    rng: raw uint32 key data (`jax.random.key_data`) from which each step folds its keys.
+    skipped_steps: steps whose update was dropped because the loss or gradients were
+      not finite (int32 scalar); `step - skipped_steps` updates were applied.
+    """
+    step: jnp.ndarray
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jnp.ndarray
+    skipped_steps: jnp.ndarray
+
+
+def create_model(config) -> Unet:
+    """The config's UNet, predicting noise for images of `config.data.channels` channels."""
+    m = config.model
+    return Unet(dim=m.dim, init_dim=m.init_dim, dim_mults=tuple(m.dim_mults),
+                channels=config.data.channels, with_time_emb=m.with_time_emb,
+                resnet_block_groups=m.resnet_block_groups, use_convnext=m.use_convnext,
+                convnext_mult=m.convnext_mult, dropout=m.dropout, dtype=DTYPES[m.dtype])
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+    """lr * min(n / warmup_steps, 1) after n applied updates (the DDPM paper's warmup)."""
+    lr, warmup = config.optim.learning_rate, config.optim.warmup_steps
+    if warmup == 0:
+        return optax.constant_schedule(lr)
+    return optax.linear_schedule(0.0, lr, warmup)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """Adam on a schedule. Gradient clipping happens in the train step, which needs the
+    gradient norm anyway, so that the optimizer state has the same structure whether
+    clipping is on or off (a checkpoint restores under either)."""
+    o = config.optim
+    return optax.adam(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps)
+
+
+def create_train_state(config, model: Unet, optimizer: optax.GradientTransformation,
+                       key: jax.Array) -> TrainState:
+    """A fresh state: parameters initialised from `key`, EMA equal to them, step 0.
+
+    Pure, so `jax.eval_shape(create_train_state, ...)` gives the state's shapes
+    without computing anything (what checkpoint restoring needs).
+    """
+    init_key, rng = jax.random.split(key)
+    size, channels = config.data.image_size, config.data.channels
+    params = model.init(init_key, jnp.zeros((1, size, size, channels), jnp.float32),
+                        jnp.zeros((1,), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=jax.tree.map(jnp.copy, params),
+                      opt_state=optimizer.init(params), rng=jax.random.key_data(rng),
+                      skipped_steps=jnp.zeros((), jnp.int32))

@@ -1,0 +1,391 @@
+"""The compiled training step and the loop around it: resume, log, checkpoint, sample, stop.
+
+The step is one `jax.jit` program over the 'data' mesh: the global batch split
+over devices, the state replicated and donated. Its randomness is a function
+of (state.rng, step, example index) only, so a step computes the same numbers
+on 1 or 8 devices, in 1 or 2 processes, and after a resume.
+
+The host never waits for the devices except when it logs, checkpoints or
+samples: metrics stay on the devices as arrays until then. A non-finite loss
+or gradient is caught inside the step, which then leaves the parameters,
+EMA and optimizer state as they were and counts the step in
+`state.skipped_steps`; `config.training.nan_policy='stop'` also makes the host
+stop at its next read of the metrics (at the latest before the next
+checkpoint, so no checkpoint holds a state past a non-finite step).
+"""
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ddpm_jax import (checkpointing, config_validation, diffusion, evaluation, images,
+                      input_pipeline, parallel, sampling)
+from ddpm_jax.metrics_writer import ConsoleReporter, MetricsWriter
+from ddpm_jax.schedules import DiffusionSchedule, make_schedule
+from ddpm_jax.train_state import (TrainState, create_model, create_train_state,
+                                  learning_rate_schedule, make_optimizer)
+
+log = logging.getLogger(__name__)
+
+# Makes an iterator of this process's batches (float32 [B / P, H, W, C]) from a
+# source, starting at batch number `start_step`.
+IteratorFactory = Callable[[input_pipeline.Source, int], Iterator[np.ndarray]]
+
+
+class NonFiniteError(RuntimeError):
+    """A step had a non-finite loss or gradient and config.training.nan_policy is 'stop'."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    state: TrainState
+    step: int
+    status: str  # 'completed', or 'preempted' when stopped early by a signal (checkpoint saved)
+
+
+# --- The step --------------------------------------------------------------------------------
+
+def train_step(state: TrainState, x_start: jax.Array, *, model, schedule: DiffusionSchedule,
+               optimizer: optax.GradientTransformation, config, batch_sharding=None
+               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+    """One step of Algorithm 1 with Adam and EMA; skips the update if anything is non-finite.
+
+    Example i of the global batch draws its timestep and noise from
+    fold_in(fold_in(key, step), i) so that neither depends on the device count.
+    """
+    batch = x_start.shape[0]
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    data_key, dropout_key = jax.random.split(step_key)
+    example_keys = jax.vmap(lambda i: jax.random.fold_in(data_key, i))(jnp.arange(batch))
+    t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0,
+                                              schedule.num_timesteps))(example_keys)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x_start.shape[1:],
+                                                 x_start.dtype))(example_keys)
+    if batch_sharding is not None:
+        t = jax.lax.with_sharding_constraint(t, batch_sharding)
+        noise = jax.lax.with_sharding_constraint(noise, batch_sharding)
+
+    def loss_of(params):
+        def denoise(x, timesteps):
+            return model.apply({"params": params}, x, timesteps, train=True,
+                               rngs={"dropout": dropout_key})
+        return diffusion.p_losses(schedule, denoise, x_start, t, noise,
+                                  config.diffusion.loss_type)
+
+    loss, grads = jax.value_and_grad(loss_of)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    clip = config.optim.grad_clip_norm
+    if clip > 0:
+        scale = jnp.where(grad_norm > clip, clip / grad_norm, 1.0)
+        grads = jax.tree.map(lambda g: g * scale, grads)
+
+    applied = state.step - state.skipped_steps  # Adam's update count, as its schedule sees it
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = config.optim.ema_decay
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+
+    def if_finite(new, old):
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    new_state = state.replace(
+        step=state.step + 1,
+        params=if_finite(params, state.params),
+        ema_params=if_finite(ema_params, state.ema_params),
+        opt_state=if_finite(opt_state, state.opt_state),
+        skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32))
+    metrics = dict(loss=loss, grad_norm=grad_norm,
+                   learning_rate=learning_rate_schedule(config)(applied),
+                   finite=finite, skipped_steps=new_state.skipped_steps)
+    return new_state, metrics
+
+
+def make_train_step(config, model, schedule: DiffusionSchedule,
+                    optimizer: optax.GradientTransformation, mesh):
+    """`train_step` jitted over `mesh`: batch split over 'data', state replicated and donated."""
+    replicated, batch_sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+
+    def step(state, x_start):
+        return train_step(state, x_start, model=model, schedule=schedule, optimizer=optimizer,
+                          config=config, batch_sharding=batch_sharded)
+
+    return jax.jit(step, in_shardings=(replicated, batch_sharded),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def num_train_steps(config, num_examples: int) -> int:
+    """config.training.num_train_steps, else num_epochs of full batches of the train split."""
+    if config.training.num_train_steps is not None:
+        return config.training.num_train_steps
+    per_epoch = input_pipeline.steps_per_epoch(num_examples, config.training.batch_size)
+    return max(1, int(round(config.training.num_epochs * per_epoch)))
+
+
+def configure_compilation_cache(config) -> None:
+    """Keep compiled programs on disk, so a resumed run skips the compile (e.g. 14 s -> 1.4 s).
+
+    An empty config.training.compilation_cache_dir leaves JAX's own setting
+    ($JAX_COMPILATION_CACHE_DIR) alone.
+    """
+    directory = config.training.compilation_cache_dir
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+
+
+def open_train_source(config) -> input_pipeline.Source:
+    data = config.data
+    return input_pipeline.open_source(
+        data.dataset, "train", image_size=data.image_size, channels=data.channels,
+        data_dir=data.tfds_data_dir or None, manual_dir=data.manual_dir or None,
+        folder=data.folder or None)
+
+
+def default_iterator_factory(config) -> IteratorFactory:
+    def make(source, start_step):
+        return input_pipeline.TrainIterator(
+            source, config.training.batch_size, config.seed,
+            random_flip=config.data.random_flip, start_step=start_step,
+            process_index=jax.process_index(), process_count=jax.process_count())
+    return make
+
+
+# --- The loop ----------------------------------------------------------------------------------
+
+class _Loop:
+    """The host side of a run: metrics kept on device until read, logs, checkpoints, samples."""
+
+    def __init__(self, config, workdir: str, total_steps: int, start_step: int, mesh,
+                 checkpointer: checkpointing.Checkpointer, model, schedule, console_stream=None):
+        self.config, self.workdir, self.total_steps = config, workdir, total_steps
+        self.mesh, self.checkpointer, self.model, self.schedule = mesh, checkpointer, model, schedule
+        primary = jax.process_index() == 0
+        self.writer = MetricsWriter(workdir, enabled=primary, resume_step=start_step)
+        self.console = ConsoleReporter(total_steps, enabled=primary, stream=console_stream)
+        self.pending: List[Tuple[int, Dict[str, jax.Array]]] = []
+        self.last_checkpoint: Optional[int] = start_step if start_step > 0 else None
+        self.interval_start, self.interval_steps = time.perf_counter(), 0
+
+    def record(self, step: int, metrics: Dict[str, jax.Array]) -> None:
+        self.pending.append((step, metrics))
+        self.interval_steps += 1
+        self.console.step(step)
+
+    def flush(self) -> None:
+        """Read the pending metrics (the only device sync), check finiteness, write a row."""
+        if not self.pending:
+            return
+        steps = [s for s, _ in self.pending]
+        values = jax.device_get([m for _, m in self.pending])
+        self.pending = []
+        bad = [s for s, v in zip(steps, values) if not v["finite"]]
+        if bad and self.config.training.nan_policy == "stop":
+            kept = (f"the newest checkpoint, step {self.last_checkpoint}, in "
+                    f"{self.checkpointer.directory} predates it" if self.last_checkpoint
+                    else "no checkpoint was written")
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {bad[0]} (config.training.nan_policy="
+                f"'stop'); {kept}. Steps with non-finite values: {bad}", bad[0])
+        now = time.perf_counter()
+        seconds_per_step = (now - self.interval_start) / self.interval_steps
+        self.interval_start, self.interval_steps = now, 0
+        finite = [v for v in values if v["finite"]]
+        last = values[-1]
+        row = dict(
+            loss=float(np.mean([v["loss"] for v in finite])) if finite else float("nan"),
+            grad_norm=float(np.mean([v["grad_norm"] for v in finite])) if finite else float("nan"),
+            learning_rate=float(last["learning_rate"]),
+            skipped_steps=int(last["skipped_steps"]),
+            nonfinite_steps=len(bad),
+            images_per_s=self.config.training.batch_size / seconds_per_step,
+        )
+        self.writer.write_scalars(steps[-1], row)
+        self.writer.flush()
+        extra = f" | {len(bad)} non-finite step(s) skipped" if bad else ""
+        self.console.log(steps[-1], row["loss"], row["images_per_s"],
+                         (self.total_steps - steps[-1]) * seconds_per_step, extra)
+        if bad:
+            log.warning("Skipped the update of step(s) %s: non-finite loss or gradient "
+                        "(%d skipped so far)", bad, row["skipped_steps"])
+
+    def restart_clock(self) -> None:
+        """Leave the time spent saving, sampling or evaluating out of the images/s."""
+        self.interval_start = time.perf_counter()
+
+    def save(self, step: int, state: TrainState) -> None:
+        self.flush()  # with nan_policy='stop', never checkpoint past a non-finite step
+        if self.last_checkpoint != step:
+            self.checkpointer.save(step, state, self.config)
+            self.last_checkpoint = step
+            self.restart_clock()
+
+    def sample(self, step: int, state: TrainState) -> None:
+        """A grid of EMA samples, the same noise every time (all processes compute it)."""
+        self.flush()
+        c = self.config
+        result = sampling.generate(
+            sampling.ModelApply(self.model), state.ema_params, self.schedule,
+            (c.data.image_size, c.data.image_size, c.data.channels),
+            c.training.num_sample_images, seed=c.seed, sampler=c.sampling.sampler,
+            ddim_steps=c.sampling.ddim_steps, ddim_eta=c.sampling.ddim_eta, mesh=self.mesh)
+        if jax.process_index() == 0:
+            grid = images.make_grid(result.images, nrow=math.ceil(math.sqrt(len(result.images))))
+            directory = os.path.join(self.workdir, "samples")
+            os.makedirs(directory, exist_ok=True)
+            images.save_png(grid, os.path.join(directory, f"step_{step:07d}.png"))
+            self.writer.write_image(step, "samples", grid)
+            self.writer.flush()
+        self.restart_clock()
+
+    def evaluate(self, step: int, state: TrainState, evaluator) -> None:
+        """The evaluations due at `step` (test bits/dim, sample quality) of the EMA weights."""
+        self.flush()
+        self.writer.write_scalars(step, evaluator(state.ema_params, step))
+        self.writer.flush()
+        self.restart_clock()
+
+    def close(self) -> None:
+        self.console.close()
+        self.writer.close()
+
+
+def _stop_requested(stop_event: Optional[threading.Event], step: int, log_every: int) -> bool:
+    """Whether to stop before the next step. With several processes all must agree, so they
+    compare flags (a collective) only at log steps."""
+    if stop_event is None:
+        return False
+    if jax.process_count() == 1:
+        return stop_event.is_set()
+    return step % log_every == 0 and parallel.any_process(stop_event.is_set())
+
+
+def train(config, workdir: str, *, allow_config_change: bool = False,
+          stop_event: Optional[threading.Event] = None,
+          iterator_factory: Optional[IteratorFactory] = None,
+          console_stream=None) -> TrainResult:
+    """Train `config` in `workdir`, resuming from its newest readable checkpoint.
+
+    stop_event: once set (e.g. by a SIGTERM handler), the run finishes its
+      current step, saves a checkpoint, waits until it is on disk and returns
+      with status 'preempted'.
+    iterator_factory: (source, start_step) -> this process's batches; default:
+      the config's input pipeline.
+    Raises ConfigError, checkpointing.CheckpointError / ConfigMismatchError,
+    or NonFiniteError (nan_policy='stop'), each with a message for the user.
+    """
+    config_validation.validate_config(config, num_devices=jax.device_count(),
+                                      process_count=jax.process_count())
+    mesh = parallel.make_mesh()
+    replicated = parallel.replicated(mesh)
+    model, optimizer = create_model(config), make_optimizer(config)
+    schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
+
+    source = open_train_source(config)  # before touching the workdir: data errors come first
+    total_steps = num_train_steps(config, len(source))
+    checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints)
+    abstract = checkpointing.abstract_train_state(config, replicated)
+    restored = checkpointer.restore_latest(lambda _: abstract, config,
+                                           allow_config_change=allow_config_change,
+                                           move_unreadable=True)
+    if restored is None:
+        state = jax.jit(lambda key: create_train_state(config, model, optimizer, key),
+                        out_shardings=replicated)(jax.random.key(config.seed))
+        start_step = 0
+    else:
+        state, start_step, _ = restored
+
+    size, channels = config.data.image_size, config.data.channels
+    batch_abstract = jax.ShapeDtypeStruct((config.training.batch_size, size, size, channels),
+                                          jnp.float32, sharding=parallel.batch_sharded(mesh))
+    compile_start = time.perf_counter()
+    step_fn = make_train_step(config, model, schedule, optimizer, mesh).lower(
+        abstract, batch_abstract).compile()
+    log.info("Compiled the train step in %.1f s; %s from step %d to %d on %d device(s), "
+             "%d process(es)", time.perf_counter() - compile_start,
+             "resuming" if start_step else "training", start_step, total_steps,
+             jax.device_count(), jax.process_count())
+
+    evaluator = None
+    if "eval" in config and (config.eval.bpd_every > 0 or config.eval.fid_every > 0):
+        evaluator = evaluation.Evaluator(config, mesh)
+    loop = _Loop(config, workdir, total_steps, start_step, mesh, checkpointer, model,
+                 schedule, console_stream)
+    factory = iterator_factory or default_iterator_factory(config)
+    batches = factory(source, start_step)
+    t = config.training
+    step, status = start_step, "completed"
+    try:
+        while step < total_steps:
+            if _stop_requested(stop_event, step, t.log_every):
+                status = "preempted"
+                break
+            state, metrics = step_fn(state, parallel.global_batch(next(batches), mesh))
+            step += 1
+            loop.record(step, metrics)
+            if step % t.log_every == 0:
+                loop.flush()
+            if step % t.checkpoint_every == 0:
+                loop.save(step, state)
+            if t.sample_every and step % t.sample_every == 0:
+                loop.sample(step, state)
+            if evaluator is not None and evaluator.due(step):
+                loop.evaluate(step, state, evaluator)
+        loop.save(step, state)
+        checkpointer.wait()
+        if status == "preempted":
+            loop.console.message(f"Stopped at step {step}: checkpoint saved in "
+                                 f"{checkpointer.directory}; run the same command to resume.")
+        else:
+            loop.console.message(f"Finished training at step {step}; checkpoints in "
+                                 f"{checkpointer.directory}.")
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()
+        checkpointer.close()  # waits for any save in flight: a good state is never lost
+        loop.close()
+    return TrainResult(state=state, step=step, status=status)
+
+
+class StopRequest(threading.Event):
+    """Set by the first SIGTERM/SIGINT; `signum` says which (0 before)."""
+    signum: int = 0
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)) -> Iterator[StopRequest]:
+    """An event that the first SIGTERM/SIGINT sets, asking `train` to checkpoint and return.
+
+    A second SIGINT (Ctrl-C again) aborts at once with KeyboardInterrupt; the
+    previous handlers are restored on exit.
+    """
+    event = StopRequest()
+
+    def handle(signum, frame):
+        del frame
+        if event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        event.signum = signum
+        event.set()
+        log.warning("Received %s: finishing the current step, then saving a checkpoint "
+                    "(Ctrl-C again to abort without saving)", signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handle) for s in signals}
+    try:
+        yield event
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

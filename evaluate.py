@@ -1,0 +1,115 @@
+"""Evaluate the newest checkpoint of a training run: test bits/dim and sample quality.
+
+    python evaluate.py --workdir=runs/fashion --bpd_images=1000
+    python evaluate.py --workdir=runs/fashion --fid_samples=10000 \\
+        --classifier_dir=classifiers/fashion_mnist
+    python evaluate.py --workdir=runs/cifar10 --fid_samples=50000 \
+        --inception_weights=pt_inception-2015-12-05-6726825d.pth \
+        [--fid_reference_stats=cifar10_train_stats.npz]
+
+Settings come from the checkpoint's `config.eval` (defaults:
+`ddpm_jax.evaluation.default_config`), overridden by the flags. The numbers
+are printed, written as JSON to --output (default
+<workdir>/eval/step_<step>.json) and appended to <workdir>/eval/metrics.jsonl
+and TensorBoard (<workdir>/eval/tensorboard), apart from the training run's
+own metrics file, which a running training may still be writing.
+"""
+import json
+import os
+
+import jax
+from absl import app, flags, logging
+
+from ddpm_jax import checkpointing, evaluation, parallel
+from ddpm_jax.metrics_writer import MetricsWriter
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "The training run's --workdir.", required=True)
+flags.DEFINE_integer("bpd_images", 0, "Bits/dim of the first N images of the split; 0 = skip.")
+flags.DEFINE_integer("fid_samples", 0, "Sample quality from N generated images; 0 = skip.")
+flags.DEFINE_string("classifier_dir", None, "Classifier for sample quality "
+                    "(default: config.eval.classifier_dir).")
+flags.DEFINE_string("inception_weights", None,
+                    "pytorch-fid's pt_inception-2015-12-05-6726825d.pth: adds the standard "
+                    "Inception FID (default: config.eval.inception_weights).")
+flags.DEFINE_string("fid_reference_stats", None,
+                    "pytorch-fid .npz statistics (mu, sigma) of the Inception FID's reference "
+                    "(default: config.eval.inception_reference_stats; '' = the train split).")
+flags.DEFINE_integer("fid_reference_images", None,
+                     "Reference images of the split; 0 = all (default: config.eval's).")
+flags.DEFINE_string("split", None, "Held-out split (default: config.eval.split, 'test').")
+flags.DEFINE_integer("seed", None, "Seed of the bound's noise and of the samples.")
+flags.DEFINE_integer("bpd_batch_size", None, "Images per compiled bits/dim call.")
+flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Sampler (default: config.sampling's).")
+flags.DEFINE_integer("ddim_steps", None, "DDIM steps (default: config.sampling's).")
+flags.DEFINE_boolean("use_ema", True, "Evaluate the EMA parameters (else the raw ones).")
+flags.DEFINE_string("tfds_data_dir", None, "Override config.data.tfds_data_dir.")
+flags.DEFINE_string("manual_dir", None, "Override config.data.manual_dir.")
+flags.DEFINE_string("output", None, "JSON file of the results.")
+
+
+def _eval_config(config):
+    """The checkpoint's config with a complete `eval` section and the flags applied."""
+    eval_config = evaluation.default_config()
+    if "eval" in config:
+        eval_config.update(config.eval.to_dict())
+    overrides = dict(split=FLAGS.split, seed=FLAGS.seed, bpd_batch_size=FLAGS.bpd_batch_size,
+                     classifier_dir=FLAGS.classifier_dir,
+                     inception_weights=FLAGS.inception_weights,
+                     inception_reference_stats=FLAGS.fid_reference_stats,
+                     fid_reference_images=FLAGS.fid_reference_images)
+    eval_config.update({k: v for k, v in overrides.items() if v is not None})
+    if FLAGS.bpd_images:
+        eval_config.bpd_num_images = FLAGS.bpd_images
+    if FLAGS.fid_samples:
+        eval_config.fid_num_samples = FLAGS.fid_samples
+    config.eval = eval_config
+    for field, value in (("tfds_data_dir", FLAGS.tfds_data_dir), ("manual_dir", FLAGS.manual_dir)):
+        if value is not None:
+            config.data[field] = value
+    if FLAGS.sampler is not None:
+        config.sampling.sampler = FLAGS.sampler
+    if FLAGS.ddim_steps is not None:
+        config.sampling.ddim_steps = FLAGS.ddim_steps
+    return config
+
+
+def main(argv):
+    del argv
+    if not FLAGS.bpd_images and not FLAGS.fid_samples:
+        raise app.UsageError("nothing to evaluate: pass --bpd_images=N and/or --fid_samples=N")
+    parallel.maybe_initialize_distributed()
+    mesh = parallel.make_mesh()
+    config, params, step = checkpointing.load_inference_params(FLAGS.workdir, FLAGS.use_ema,
+                                                               mesh=mesh)
+    config = _eval_config(config)
+    primary = jax.process_index() == 0
+    say = print if primary else (lambda _: None)
+    say(f"evaluating {FLAGS.workdir} at step {step} ({'EMA' if FLAGS.use_ema else 'raw'} "
+        f"parameters) on {mesh.devices.size} device(s)")
+    evaluator = evaluation.Evaluator(config, mesh, with_bpd=bool(FLAGS.bpd_images),
+                                     with_sample_quality=bool(FLAGS.fid_samples))
+    scores = {}
+    if FLAGS.bpd_images:
+        scores.update(evaluator.bits_per_dim(params))
+    if FLAGS.fid_samples:
+        scores.update(evaluator.sample_quality(params))
+    say(f"step {step}: {evaluation.format_scores(scores)}")
+
+    eval_dir = os.path.join(FLAGS.workdir, "eval")
+    writer = MetricsWriter(eval_dir, enabled=primary, resume_step=step)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+    writer.close()
+    if primary:
+        output = FLAGS.output or os.path.join(eval_dir, f"step_{step}.json")
+        record = {"workdir": FLAGS.workdir, "step": step, "use_ema": FLAGS.use_ema,
+                  "eval": config.eval.to_dict(), "sampling": config.sampling.to_dict(),
+                  "scores": scores}
+        with open(output, "w") as f:
+            json.dump(record, f, indent=1)
+        logging.info("wrote %s", output)
+        say(f"results: {output}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,223 @@
+"""Generate images from a trained model: `python sample.py --workdir=DIR`.
+
+    python sample.py --workdir=runs/fashion --num_images=64 --output=samples.png
+    python sample.py --workdir=runs/fashion --sampler=ddim --ddim_steps=50 \\
+        --gif=denoising.gif --gif_images=16 --save_npz=samples.npz
+    python sample.py --torch_checkpoint=model.pt --config=configs/fashion.py
+
+--workdir samples the newest readable checkpoint of a training run (its EMA
+parameters unless --use_ema=false), with the config stored in it.
+--torch_checkpoint takes a `torch.save(model.state_dict())` of the PyTorch
+design's Unet, with --config describing that network. The sampler defaults
+come from the config's `sampling` section; the flags override them. Images
+are a function of (--seed, image index): the same on any number of devices
+and with any --chunk_size. Every process of a multi-host run runs the same
+command; process 0 writes the files.
+"""
+import logging
+import math
+import os
+import sys
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir: sample its newest "
+                               "checkpoint.")
+_USE_EMA = flags.DEFINE_bool("use_ema", True, "Sample the EMA parameters (else the raw ones).")
+_TORCH_CHECKPOINT = flags.DEFINE_string(
+    "torch_checkpoint", None, "A PyTorch state_dict (.pt) of the design's Unet; needs --config.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "With --torch_checkpoint: the config (configs/*.py) of its network.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 64, "How many images to generate.")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"],
+                             "ddpm (ancestral, all T steps) or ddim; default: config.sampling.")
+_DDIM_STEPS = flags.DEFINE_integer("ddim_steps", None, "DDIM steps; default: config.sampling.")
+_DDIM_ETA = flags.DEFINE_float("ddim_eta", None, "DDIM eta (0 = deterministic); default: "
+                               "config.sampling.")
+_SEED = flags.DEFINE_integer("seed", 0, "Images are a function of the seed and their index.")
+_OUTPUT = flags.DEFINE_string("output", "samples.png", "The image grid (PNG).")
+_NROW = flags.DEFINE_integer("nrow", None, "Images per grid row; default ceil(sqrt(num_images)).")
+_SAVE_NPZ = flags.DEFINE_string("save_npz", None, "Also save the raw float32 samples [N, H, W, C] "
+                                "(about [-1, 1]) to this .npz file.")
+_GIF = flags.DEFINE_string("gif", None, "Also write the denoising animation to this GIF file.")
+_GIF_IMAGES = flags.DEFINE_integer("gif_images", 16, "How many of the images (the first ones) "
+                                   "the GIF shows.")
+_GIF_FRAMES = flags.DEFINE_integer("gif_frames", None, "At most this many GIF frames, evenly "
+                                   "spaced over the steps; default: one per step.")
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None, "Most images per compiled call (over all "
+                                   "devices); default: sampling.default_chunk_size.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Must equal the model's trained image size "
+                                   "if given (a check; the network serves only that size).")
+
+
+def _fail(message: str) -> None:
+    sys.exit(f"sample.py: error: {message}")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _load_workdir():
+    """(config, params, step, source description) of --workdir's newest checkpoint."""
+    from ddpm_jax import checkpointing
+    try:
+        config, params, step = checkpointing.load_inference_params(_WORKDIR.value, _USE_EMA.value)
+    except checkpointing.CheckpointError as e:
+        _fail(str(e))
+    kind = "EMA" if _USE_EMA.value else "raw"
+    return config, params, f"{_WORKDIR.value} step {step} ({kind} parameters)"
+
+
+def _load_torch():
+    """(config, params, source description) of --torch_checkpoint with --config."""
+    import pickle
+
+    from ddpm_jax import config_validation, convert, train_state
+    path, config = _TORCH_CHECKPOINT.value, _CONFIG.value
+    if config is None:
+        _fail("--torch_checkpoint needs --config=configs/<name>.py describing its network")
+    try:
+        config_validation.validate_config(config)
+    except config_validation.ConfigError as e:
+        _fail(f"--config: {e}")
+    if not os.path.isfile(path):
+        _fail(f"--torch_checkpoint={path}: no such file")
+    try:
+        params = convert.load_torch_checkpoint(path, train_state.create_model(config))
+    except ValueError as e:  # the file holds another network, or no state_dict
+        _fail(f"--torch_checkpoint={path}: {e}")
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        _fail(f"--torch_checkpoint={path} cannot be read as a PyTorch state_dict "
+              f"({_first_line(e)})")
+    return config, params, path
+
+
+def _check_request(config) -> None:
+    """Exit with the flag's name if the request cannot be served by this model."""
+    from ddpm_jax import sampling
+    if _IMAGE_SIZE.value is not None and _IMAGE_SIZE.value != config.data.image_size:
+        _fail(f"--image_size={_IMAGE_SIZE.value}, but the model was trained on "
+              f"{config.data.image_size}x{config.data.image_size} images "
+              f"(config.data.image_size) and generates only that size; omit --image_size")
+    for name, value, minimum in (("num_images", _NUM_IMAGES.value, 1),
+                                 ("gif_images", _GIF_IMAGES.value, 1),
+                                 ("gif_frames", _GIF_FRAMES.value, 1),
+                                 ("chunk_size", _CHUNK_SIZE.value, 1),
+                                 ("nrow", _NROW.value, 1)):
+        if value is not None and value < minimum:
+            _fail(f"--{name} must be >= {minimum}, got {value}")
+    try:
+        sampling.check_sampler(config.diffusion.timesteps, _sampler_setting(config, "sampler"),
+                               _sampler_setting(config, "ddim_steps"),
+                               _sampler_setting(config, "ddim_eta"))
+    except ValueError as e:
+        _fail(f"--{e}")
+
+
+def _sampler_setting(config, name: str):
+    """The flag --name if given, else config.sampling.name."""
+    value = {"sampler": _SAMPLER, "ddim_steps": _DDIM_STEPS, "ddim_eta": _DDIM_ETA}[name].value
+    return config.sampling[name] if value is None else value
+
+
+def _output_paths():
+    """(flag name, path) of every file to write."""
+    named = (("output", _OUTPUT.value), ("save_npz", _SAVE_NPZ.value), ("gif", _GIF.value))
+    return [(name, path) for name, path in named if path]
+
+
+def _prepare_outputs() -> None:
+    """Create the output directories now, so that a bad path fails before sampling."""
+    for name, path in _output_paths():
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        except OSError as e:
+            _fail(f"--{name}={path}: cannot create its directory ({_first_line(e)})")
+        if os.path.isdir(path):
+            _fail(f"--{name}={path} is a directory; give a file name")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Orbax logs every restore at INFO; keep only its warnings and errors.
+    absl_logging.get_absl_handler().addFilter(
+        lambda record: record.levelno >= logging.WARNING or "/orbax/" not in record.pathname)
+    if (_WORKDIR.value is None) == (_TORCH_CHECKPOINT.value is None):
+        _fail("give exactly one of --workdir (a training run) and --torch_checkpoint "
+              "(a PyTorch state_dict, with --config)")
+    if _WORKDIR.value is not None and _CONFIG.value is not None:
+        _fail("--config goes with --torch_checkpoint only: a --workdir's checkpoints carry "
+              "their own config")
+    start = time.perf_counter()
+    from ddpm_jax import parallel
+    parallel.maybe_initialize_distributed()
+    import jax
+    import numpy as np
+
+    from ddpm_jax import images, sampling, schedules, train_state
+
+    config, params, source = _load_workdir() if _WORKDIR.value else _load_torch()
+    _check_request(config)
+    if config.training.get("compilation_cache_dir"):  # as train.py does: reruns skip the compile
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.expanduser(config.training.compilation_cache_dir))
+    sampler, ddim_steps, ddim_eta = (_sampler_setting(config, name)
+                                     for name in ("sampler", "ddim_steps", "ddim_eta"))
+    num_images = _NUM_IMAGES.value
+    gif_images = min(_GIF_IMAGES.value, num_images) if _GIF.value else 0
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    schedule = schedules.make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
+    steps = sampling.num_sampling_steps(schedule.num_timesteps, sampler, ddim_steps)
+    is_main = jax.process_index() == 0
+    if is_main:
+        _prepare_outputs()
+
+    def report(p: sampling.Progress) -> None:
+        if is_main:
+            left = (p.num_images - p.images_done) / p.images_per_s if p.images_done else 0.0
+            print(f"chunk {p.chunks_done}/{p.num_chunks}: {p.images_done}/{p.num_images} images, "
+                  f"{p.images_per_s:.2f} images/s, {left:.0f} s left", flush=True)
+
+    if is_main:
+        description = (f"ddim, {steps} steps, eta {ddim_eta}" if sampler == "ddim"
+                       else f"ddpm, {steps} steps")
+        print(f"Sampling {num_images} images of {image_shape} ({description}) from {source} "
+              f"on {jax.device_count()} {jax.devices()[0].platform} device(s), seed "
+              f"{_SEED.value}", flush=True)
+    result = sampling.generate(
+        sampling.ModelApply(train_state.create_model(config)), params, schedule, image_shape,
+        num_images, seed=_SEED.value, sampler=sampler, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
+        trajectory_indices=range(gif_images), trajectory_frames=_GIF_FRAMES.value,
+        chunk_size=_CHUNK_SIZE.value, progress=report)
+    if not is_main:
+        return
+    written = []
+    try:
+        nrow = _NROW.value or math.ceil(math.sqrt(num_images))
+        height, width = images.save_grid(result.images, _OUTPUT.value, nrow=nrow)
+        written.append(f"{_OUTPUT.value} ({width}x{height} px)")
+        if _SAVE_NPZ.value:
+            np.savez(_SAVE_NPZ.value, images=result.images, seed=_SEED.value, sampler=sampler,
+                     steps=steps)
+            written.append(_SAVE_NPZ.value)
+        if _GIF.value:
+            frames = images.save_gif(result.trajectory, _GIF.value)
+            written.append(f"{_GIF.value} ({frames} frames of {gif_images} images)")
+    except OSError as e:
+        _fail(f"cannot write the output ({_first_line(e)}); wrote {written or 'nothing'}")
+    plan = result.plan
+    print(f"Sampled {num_images} images in {result.sample_s:.1f} s "
+          f"({num_images / result.sample_s:.2f} images/s; {plan.num_chunks} chunk(s) of "
+          f"{plan.chunk_size}; compilation {result.compile_s:.1f} s; wall time "
+          f"{time.perf_counter() - start:.1f} s)")
+    print("Wrote " + ", ".join(written))
+
+
+if __name__ == "__main__":
+    app.run(main)

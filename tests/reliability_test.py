@@ -1,0 +1,147 @@
+"""Issue 8: preemption with exact resume, a torn newest checkpoint, non-finite steps."""
+import os
+import signal
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from ddpm_jax import checkpointing, metrics_writer, parallel, training, train_state
+from ddpm_jax.schedules import make_schedule
+from tests.train_helpers import (compilation_cache, losses, restored_state, run_train_py,  # noqa: F401
+                                 subprocess_env, tiny_config, train_py)
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def reference(fashion_mnist_dirs, compilation_cache, tmp_path_factory):  # noqa: F811
+    """An uninterrupted run of STEPS steps: (config, workdir, final state as numpy)."""
+    workdir = tmp_path_factory.mktemp("reference")
+    config = tiny_config(fashion_mnist_dirs, training__num_train_steps=STEPS,
+                         training__log_every=1, training__checkpoint_every=4)
+    result = training.train(config, str(workdir))
+    assert result.status == "completed" and result.step == STEPS
+    return config, workdir, jax.tree.map(np.asarray, result.state)
+
+
+def _assert_bitwise_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        assert x.dtype == y.dtype and np.array_equal(x, y), "states differ"
+
+
+def test_sigterm_mid_run_then_resume_is_bitwise_the_uninterrupted_run(reference, tmp_path,
+                                                                       compilation_cache):  # noqa: F811
+    config, reference_dir, reference_state = reference
+    env = subprocess_env(compilation_cache)
+    process = train_py(config, tmp_path, env)
+    lines = []
+    timer = threading.Timer(300, process.kill)  # a hung run fails the test instead of CI
+    timer.start()
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("step 5/"):
+                process.send_signal(signal.SIGTERM)
+        process.wait()
+    finally:
+        timer.cancel()
+    output = "".join(lines)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Received SIGTERM: finishing the current step, then saving a checkpoint" in output
+    stopped = int(output.split("Stopped at step ")[1].split(":")[0])
+    assert 5 <= stopped < STEPS
+    assert "run the same command to resume" in output
+    assert str(stopped) in os.listdir(tmp_path / "checkpoints")
+    assert (tmp_path / "checkpoints" / str(stopped) / checkpointing.MANIFEST).is_file()
+
+    resumed = run_train_py(config, tmp_path, env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resuming from step {stopped} to {STEPS}" in resumed.stdout
+    state, step = restored_state(tmp_path, config)
+    assert step == STEPS
+    _assert_bitwise_equal(state, reference_state)
+    assert losses(tmp_path) == losses(reference_dir)  # every step's loss, to the last bit
+
+
+def test_truncated_newest_checkpoint_falls_back_and_still_ends_bitwise_equal(
+        reference, tmp_path, caplog):
+    config, _, reference_state = reference
+    first = config.copy_and_resolve_references()
+    first.training.num_train_steps = 8
+    training.train(first, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+    step_dir = tmp_path / "checkpoints" / "8"
+    victim = max((os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs),
+                 key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 3)
+
+    result = training.train(config, str(tmp_path))
+    assert result.step == STEPS
+    assert f"Skipping checkpoint {step_dir}: file " in caplog.text
+    assert "Resuming from checkpoint" in caplog.text and "skipped step 8" in caplog.text
+    assert os.listdir(tmp_path / checkpointing.UNREADABLE_SUBDIR)[0].startswith("8-")
+    _assert_bitwise_equal(jax.tree.map(np.asarray, result.state), reference_state)
+
+
+def _nan_at(config, bad_step):
+    """An iterator factory of the config's batches, but all NaN for step `bad_step` (1-based)."""
+    def factory(source, start_step):
+        with training.default_iterator_factory(config)(source, start_step) as batches:
+            for step, batch in enumerate(batches, start=start_step + 1):
+                yield np.full_like(batch, np.nan) if step == bad_step else batch
+    return factory
+
+
+def test_nan_step_leaves_the_state_unchanged_but_the_counters(reference):
+    config = reference[0]
+    model, optimizer = train_state.create_model(config), train_state.make_optimizer(config)
+    mesh = parallel.make_mesh()
+    schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
+    step = training.make_train_step(config, model, schedule, optimizer, mesh)
+    state = jax.jit(lambda k: train_state.create_train_state(config, model, optimizer, k),
+                    out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+    before = jax.tree.map(np.asarray, state)
+    batch = np.full((config.training.batch_size, 28, 28, 1), np.nan, np.float32)
+    after, metrics = step(state, parallel.global_batch(batch, mesh))
+    after = jax.tree.map(np.asarray, after)
+    assert not bool(metrics["finite"]) and int(metrics["skipped_steps"]) == 1
+    assert int(after.step) == 1 and int(after.skipped_steps) == 1
+    _assert_bitwise_equal((after.params, after.ema_params, after.opt_state, after.rng),
+                          (before.params, before.ema_params, before.opt_state, before.rng))
+
+
+def test_nan_batch_is_skipped_and_counted(reference, tmp_path, caplog):
+    config = reference[0].copy_and_resolve_references()
+    config.training.num_train_steps = 6
+    result = training.train(config, str(tmp_path), iterator_factory=_nan_at(config, 4))
+    assert result.status == "completed" and int(result.state.skipped_steps) == 1
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(result.state.params))
+    rows = {r["step"]: r for r in metrics_writer.read_metrics(str(tmp_path))}
+    assert rows[4]["nonfinite_steps"] == 1 and rows[4]["loss"] is None
+    assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 0, 1, 1, 1]
+    assert np.isfinite(rows[5]["loss"]) and np.isfinite(rows[6]["loss"])
+    assert "Skipped the update of step(s) [4]" in caplog.text
+
+
+def test_nan_batch_with_policy_stop_names_the_step_and_keeps_the_last_good_checkpoint(
+        reference, tmp_path):
+    config = reference[0].copy_and_resolve_references()
+    config.training.num_train_steps = 10
+    config.training.nan_policy = "stop"
+    config.training.log_every = 3
+    config.training.checkpoint_every = 2
+    with pytest.raises(training.NonFiniteError) as error:
+        training.train(config, str(tmp_path), iterator_factory=_nan_at(config, 5))
+    assert error.value.step == 5
+    assert str(error.value).startswith(
+        f"non-finite loss or gradient at step 5 (config.training.nan_policy='stop'); the newest "
+        f"checkpoint, step 4, in {tmp_path / 'checkpoints'} predates it")
+    assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["2", "4"]
+    state, step = restored_state(tmp_path, config)
+    assert step == 4 and int(state.skipped_steps) == 0
+    assert all(np.isfinite(p).all() for p in jax.tree.leaves(state.params))

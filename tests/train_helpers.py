@@ -1,0 +1,96 @@
+"""Shared by the training tests: the tiny config on the real Fashion-MNIST, train.py runs."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from ddpm_jax import checkpointing, parallel
+
+REPO = Path(__file__).resolve().parents[1]
+# Shared by the test processes and kept between test sessions (.cache/ is ignored by git):
+# the tiny network's programs compile once per machine.
+COMPILATION_CACHE = REPO / ".cache" / "jax_compilation_cache_tests"
+
+
+@pytest.fixture(scope="session")
+def compilation_cache() -> Path:
+    """Turns on JAX's persistent compilation cache in this process; the directory is also
+    handed to subprocesses by `subprocess_env`."""
+    COMPILATION_CACHE.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE))
+    return COMPILATION_CACHE
+
+
+def tiny_config(dirs, **overrides):
+    """configs/tiny.py reading the fixture's prepared Fashion-MNIST, with `section.field=value`
+    overrides given as keyword arguments `section__field=value`."""
+    config = tiny.get_config()
+    config.data.tfds_data_dir = str(dirs.data_dir)
+    config.data.manual_dir = str(dirs.manual_dir)
+    config.training.compilation_cache_dir = ""
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        config[section][field] = value
+    return config
+
+
+def cli_overrides(config) -> List[str]:
+    """--config.x.y=v flags reproducing the data and training fields of `config`."""
+    flags = []
+    for section in ("data", "training", "diffusion"):
+        for field, value in config[section].items():
+            if value is not None:
+                flags.append(f"--config.{section}.{field}={value}")
+    return flags
+
+
+def subprocess_env(cache_dir: Path, xla_flags: str = "") -> Dict[str, str]:
+    env = dict(os.environ)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)  # later subprocesses skip compiling
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(REPO)
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
+    else:
+        env.pop("XLA_FLAGS", None)
+    return env
+
+
+def train_py(config, workdir: Path, env: Dict[str, str], extra: Sequence[str] = (),
+             **popen_kwargs):
+    """`python train.py --config=configs/tiny.py --workdir=...` with `config`'s fields as flags,
+    started (not waited for)."""
+    args = [sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs' / 'tiny.py'}",
+            f"--workdir={workdir}", *cli_overrides(config), *extra]
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen_kwargs)
+
+
+def run_train_py(config, workdir: Path, env: Dict[str, str], extra: Sequence[str] = (),
+                 timeout: float = 240) -> subprocess.CompletedProcess:
+    process = train_py(config, workdir, env, extra)
+    output, _ = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, output)
+
+
+def restored_state(workdir: Path, config):
+    """The whole TrainState of the newest checkpoint in `workdir`, as numpy arrays."""
+    checkpointer = checkpointing.Checkpointer(str(workdir), keep=100)
+    abstract = checkpointing.abstract_train_state(
+        config, parallel.replicated(parallel.make_mesh(jax.devices()[:1])))
+    try:
+        state, step, _ = checkpointer.restore_latest(lambda _: abstract)
+    finally:
+        checkpointer.close()
+    return jax.tree.map(np.asarray, state), step
+
+
+def losses(workdir: Path) -> Dict[int, Optional[float]]:
+    from ddpm_jax.metrics_writer import read_metrics
+    return {row["step"]: row["loss"] for row in read_metrics(str(workdir)) if "loss" in row}

@@ -1,0 +1,128 @@
+"""The tiny config trains end to end on the real Fashion-MNIST, from the command line and in
+process: loss falls, checkpoints, logs and sample grids appear, a second run resumes."""
+import io
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpm_jax import metrics_writer, training
+from tests.train_helpers import (compilation_cache, losses, restored_state, run_train_py,  # noqa: F401
+                                 subprocess_env, tiny_config)
+
+
+def test_train_py_trains_then_resumes(fashion_mnist_dirs, compilation_cache, tmp_path):  # noqa: F811
+    workdir = tmp_path / "run"
+    env = subprocess_env(compilation_cache)
+    config = tiny_config(fashion_mnist_dirs, training__num_train_steps=20,
+                         training__checkpoint_every=10, training__sample_every=20)
+    first = run_train_py(config, workdir, env)
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert "step 5/20 | loss" in first.stdout and "img/s" in first.stdout
+    assert "Finished training at step 20" in first.stdout
+
+    rows = metrics_writer.read_metrics(str(workdir))
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    loss = [r["loss"] for r in rows]
+    assert all(np.isfinite(loss)) and loss[-1] < 0.92 * loss[0], loss
+    assert rows[-1]["skipped_steps"] == 0 and rows[-1]["learning_rate"] == pytest.approx(1e-3)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]
+    grid = Image.open(workdir / "samples" / "step_0000020.png")
+    # 8 images in a 3 x 3 grid of 28-pixel images with 2-pixel padding.
+    assert grid.size == (3 * 30 + 2, 3 * 30 + 2) and grid.mode == "L"
+
+    # The same command with a longer schedule continues from step 20.
+    config.training.num_train_steps = 25
+    second = run_train_py(config, workdir, env)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "resuming from step 20 to 25" in second.stdout
+    assert "step 25/25" in second.stdout
+    assert [r["step"] for r in metrics_writer.read_metrics(str(workdir))] == [5, 10, 15, 20, 25]
+    state, step = restored_state(workdir, config)
+    assert step == 25 and int(state.step) == 25
+
+    _check_tensorboard(workdir, expected_steps=[5, 10, 15, 20, 25])
+
+
+def _check_tensorboard(workdir, expected_steps):
+    """TensorFlow reads the event files back (verifying their checksums)."""
+    tf = pytest.importorskip("tensorflow")
+    scalars, images = {}, {}
+    for name in os.listdir(workdir / "tensorboard"):
+        for event in tf.compat.v1.train.summary_iterator(str(workdir / "tensorboard" / name)):
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    images[event.step] = value.image
+                else:
+                    scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    assert sorted(scalars["loss"]) == expected_steps
+    rows = {r["step"]: r for r in metrics_writer.read_metrics(str(workdir))}
+    for step, value in scalars["loss"].items():
+        assert value == pytest.approx(rows[step]["loss"], rel=1e-6)
+    assert set(images) == {20}
+    png = Image.open(io.BytesIO(images[20].encoded_image_string))
+    assert png.size == (images[20].width, images[20].height) == (92, 92)
+
+
+def test_no_compilation_after_the_first_step(fashion_mnist_dirs, tmp_path):
+    """Logging, checkpointing and resuming reuse the compiled step; nothing else compiles."""
+    compiles = []
+
+    def on_event(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append((time.monotonic(), kwargs.get("fun_name")))
+
+    class Lines(io.StringIO):
+        """Records when each console line was written."""
+        times = []
+
+        def write(self, text):
+            self.times.append((time.monotonic(), text))
+            return super().write(text)
+
+    jax.clear_caches()
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    stream = Lines()
+    try:
+        config = tiny_config(fashion_mnist_dirs, training__num_train_steps=6,
+                             training__log_every=1, training__checkpoint_every=2)
+        training.train(config, str(tmp_path), console_stream=stream)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    first_step_logged = min(t for t, text in stream.times if text.startswith("step 1/6"))
+    assert [name for _, name in compiles].count("jit(step)") == 1, compiles
+    late = [name for t, name in compiles if t > first_step_logged]
+    assert late == [], f"compiled after the first step: {late}"
+    assert [r["step"] for r in metrics_writer.read_metrics(str(tmp_path))] == list(range(1, 7))
+
+
+def test_metrics_file_drops_rows_after_the_resumed_step(tmp_path):
+    """A run killed after logging step 30 but checkpointed at 20 relogs 21..30 on resume."""
+    path = tmp_path / metrics_writer.METRICS_FILE
+    path.write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (10, 20, 30))
+                    + '{"step": 40, "lo')  # a torn last line
+    writer = metrics_writer.MetricsWriter(str(tmp_path), enabled=True, resume_step=20)
+    writer.write_scalars(25, {"loss": 0.25, "skipped_steps": 0, "grad_norm": float("nan")})
+    writer.close()
+    rows = metrics_writer.read_metrics(str(tmp_path))
+    assert rows == [{"step": 10, "loss": 0.5}, {"step": 20, "loss": 0.5},
+                    {"step": 25, "loss": 0.25, "skipped_steps": 0, "grad_norm": None}]
+
+
+def test_only_the_primary_process_writes(tmp_path):
+    writer = metrics_writer.MetricsWriter(str(tmp_path), enabled=False)
+    writer.write_scalars(1, {"loss": 0.5})
+    writer.write_image(1, "samples", np.zeros((4, 4, 1), np.uint8))
+    writer.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_console_shows_step_loss_speed_and_time_left():
+    stream = io.StringIO()
+    console = metrics_writer.ConsoleReporter(100, enabled=True, stream=stream)
+    console.log(40, 0.0512, 1234.5, 3725.0)
+    assert stream.getvalue() == "step 40/100 | loss 0.0512 | 1,234 img/s | 1:02:05 left\n"

@@ -1,0 +1,81 @@
+"""Train a DDPM: `python train.py --config=configs/fashion.py --workdir=DIR`.
+
+Every config field can be overridden, e.g. `--config.training.batch_size=64`.
+The same command resumes from the newest checkpoint in DIR. SIGTERM or Ctrl-C
+finishes the current step, saves a checkpoint and exits (status 128 + the
+signal number); a second Ctrl-C aborts at once.
+
+Several processes (e.g. the hosts of a Cloud TPU pod slice) run the same
+command each; on Cloud TPU VMs, SLURM and Open MPI they find each other by
+themselves, elsewhere pass --coordinator_address, --num_processes and
+--process_id.
+"""
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume from a workdir whose checkpoints were trained with a different model or diffusion "
+    "config (the state's shapes must still match).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 of a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietOrbax(logging.Filter):
+    """Orbax logs every save and restore at INFO; keep only its warnings and errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with a misspelled --config.<field> reported in one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}\nPass --helpfull to see the flags.")
+    except (AttributeError, KeyError) as e:  # config_flags: a field the config does not have
+        message = e
+        while isinstance(message, BaseException) and message.args:
+            message = message.args[0]
+        message = str(message).replace("\n", " ")
+        sys.exit(f"error: unknown config field in a --config.<section>.<field> flag: {message}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from absl import logging as absl_logging
+    absl_logging.get_absl_handler().addFilter(_QuietOrbax())
+
+    # jax.distributed must start before anything touches a device.
+    from ddpm_jax import parallel
+    parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                          _PROCESS_ID.value)
+    from ddpm_jax import checkpointing, config_validation, datasets, training
+
+    config = _CONFIG.value
+    training.configure_compilation_cache(config)
+    try:
+        with training.stop_on_signals() as stop:
+            result = training.train(config, _WORKDIR.value, stop_event=stop,
+                                    allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    except config_validation.ConfigError as e:
+        sys.exit(f"error: {e}\n(set a field with --config.<section>.<field>=VALUE)")
+    except (checkpointing.CheckpointError, training.NonFiniteError,
+            datasets.MissingDataError) as e:
+        sys.exit(f"error: {e}")
+    if result.status == "preempted":
+        sys.exit(128 + stop.signum)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)
