@@ -14,7 +14,10 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from ddpm_jax import checkpointing, config_validation, parallel, training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -25,7 +28,8 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 of a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,15 +57,10 @@ def _parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from absl import logging as absl_logging
     absl_logging.get_absl_handler().addFilter(_QuietOrbax())
-
-    # jax.distributed must start before anything touches a device.
-    from ddpm_jax import parallel
+    # Before anything touches a device (importing the package does not).
     parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value)
-    from ddpm_jax import checkpointing, config_validation, datasets, training
-
     config = _CONFIG.value
     training.configure_compilation_cache(config)
     try:
@@ -71,7 +70,7 @@ def main(argv):
     except config_validation.ConfigError as e:
         sys.exit(f"error: {e}\n(set a field with --config.<section>.<field>=VALUE)")
     except (checkpointing.CheckpointError, training.NonFiniteError,
-            datasets.MissingDataError) as e:
+            FileNotFoundError) as e:  # includes datasets.MissingDataError
         sys.exit(f"error: {e}")
     if result.status == "preempted":
         sys.exit(128 + stop.signum)

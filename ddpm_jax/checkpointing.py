@@ -19,7 +19,6 @@ saves do not collide with them.
 import hashlib
 import json
 import logging
-import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -249,7 +248,8 @@ class Checkpointer:
         expected = state_shapes(abstract)
         if stored is not None and stored != expected:
             diff = [f"{k}: checkpoint {stored.get(k)}, model {expected.get(k)}"
-                    for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
+                    for k in sorted(set(stored) | set(expected))
+                    if stored.get(k) != expected.get(k)]
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} does not fit this model's state "
                 f"({len(diff)} arrays differ, e.g. {diff[0]}). Use another --workdir.")

@@ -80,7 +80,8 @@ class _Checker:
                exclusive_minimum: bool = False, exclusive_maximum: bool = False) -> bool:
         """Whether the field is a finite real number in the given (half-)open or closed range."""
         value = self.get(path)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value)):
             self.error(path, "must be a finite number")
             return False
         return self._in_range(path, value, minimum, maximum, exclusive_minimum, exclusive_maximum)
@@ -127,7 +128,8 @@ def _check_keys(check: _Checker) -> None:
         node = config if not section else config.get(section)
         prefix = f"{section}." if section else ""
         if node is None:
-            check.errors.append(f"config.{section} is missing (a section with fields {list(names)})")
+            check.errors.append(
+                f"config.{section} is missing (a section with fields {list(names)})")
             continue
         for name in names:
             if name not in node:

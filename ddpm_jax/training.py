@@ -172,7 +172,8 @@ class _Loop:
     def __init__(self, config, workdir: str, total_steps: int, start_step: int, mesh,
                  checkpointer: checkpointing.Checkpointer, model, schedule, console_stream=None):
         self.config, self.workdir, self.total_steps = config, workdir, total_steps
-        self.mesh, self.checkpointer, self.model, self.schedule = mesh, checkpointer, model, schedule
+        self.mesh, self.checkpointer = mesh, checkpointer
+        self.model, self.schedule = model, schedule
         primary = jax.process_index() == 0
         self.writer = MetricsWriter(workdir, enabled=primary, resume_step=start_step)
         self.console = ConsoleReporter(total_steps, enabled=primary, stream=console_stream)

@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 
 from ddpm_jax import metrics_writer, training
-from tests.train_helpers import (compilation_cache, losses, restored_state, run_train_py,  # noqa: F401
+from tests.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
                                  subprocess_env, tiny_config, train_py)
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def one_device(fashion_mnist_dirs, compilation_cache, tmp_path_factory):  # noqa: F811
+def one_device(fashion_mnist_dirs, tmp_path_factory):
     """STEPS steps in this process on one device: (config, per-step losses, final params)."""
+    enable_compilation_cache()
     workdir = tmp_path_factory.mktemp("one_device")
     config = tiny_config(fashion_mnist_dirs, training__num_train_steps=STEPS,
                          training__log_every=1, training__checkpoint_every=STEPS)
@@ -37,9 +38,9 @@ def _assert_same_run(workdir, config, one_device_losses, one_device_params):
         np.testing.assert_allclose(a, b, rtol=0, atol=bound)
 
 
-def test_eight_simulated_devices_match_one(one_device, compilation_cache, tmp_path):  # noqa: F811
+def test_eight_simulated_devices_match_one(one_device, tmp_path):
     config, one_losses, one_params = one_device
-    env = subprocess_env(compilation_cache, "--xla_force_host_platform_device_count=8")
+    env = subprocess_env("--xla_force_host_platform_device_count=8")
     result = run_train_py(config, tmp_path, env)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "on 8 device(s), 1 process(es)" in result.stdout
@@ -52,10 +53,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(one_device, compilation_cache, tmp_path):  # noqa: F811
+def test_two_processes_match_one(one_device, tmp_path):
     """Two processes on localhost (gloo CPU collectives), each reading half of each batch."""
     config, one_losses, one_params = one_device
-    env = subprocess_env(compilation_cache)
+    env = subprocess_env()
     address = f"127.0.0.1:{_free_port()}"
     processes = [train_py(config, tmp_path, env,
                           [f"--coordinator_address={address}", "--num_processes=2",

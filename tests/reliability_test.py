@@ -9,15 +9,16 @@ import pytest
 
 from ddpm_jax import checkpointing, metrics_writer, parallel, training, train_state
 from ddpm_jax.schedules import make_schedule
-from tests.train_helpers import (compilation_cache, losses, restored_state, run_train_py,  # noqa: F401
+from tests.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
                                  subprocess_env, tiny_config, train_py)
 
 STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def reference(fashion_mnist_dirs, compilation_cache, tmp_path_factory):  # noqa: F811
+def reference(fashion_mnist_dirs, tmp_path_factory):
     """An uninterrupted run of STEPS steps: (config, workdir, final state as numpy)."""
+    enable_compilation_cache()
     workdir = tmp_path_factory.mktemp("reference")
     config = tiny_config(fashion_mnist_dirs, training__num_train_steps=STEPS,
                          training__log_every=1, training__checkpoint_every=4)
@@ -33,10 +34,9 @@ def _assert_bitwise_equal(a, b):
         assert x.dtype == y.dtype and np.array_equal(x, y), "states differ"
 
 
-def test_sigterm_mid_run_then_resume_is_bitwise_the_uninterrupted_run(reference, tmp_path,
-                                                                       compilation_cache):  # noqa: F811
+def test_sigterm_mid_run_then_resume_is_bitwise_the_uninterrupted_run(reference, tmp_path):
     config, reference_dir, reference_state = reference
-    env = subprocess_env(compilation_cache)
+    env = subprocess_env()
     process = train_py(config, tmp_path, env)
     lines = []
     timer = threading.Timer(300, process.kill)  # a hung run fails the test instead of CI

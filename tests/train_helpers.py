@@ -7,7 +7,6 @@ from typing import Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
-import pytest
 
 from configs import tiny
 from ddpm_jax import checkpointing, parallel
@@ -18,13 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 COMPILATION_CACHE = REPO / ".cache" / "jax_compilation_cache_tests"
 
 
-@pytest.fixture(scope="session")
-def compilation_cache() -> Path:
-    """Turns on JAX's persistent compilation cache in this process; the directory is also
-    handed to subprocesses by `subprocess_env`."""
+def enable_compilation_cache() -> None:
+    """Turn on JAX's persistent compilation cache in this process (`subprocess_env` hands the
+    same directory to subprocesses)."""
     COMPILATION_CACHE.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE))
-    return COMPILATION_CACHE
 
 
 def tiny_config(dirs, **overrides):
@@ -50,9 +47,10 @@ def cli_overrides(config) -> List[str]:
     return flags
 
 
-def subprocess_env(cache_dir: Path, xla_flags: str = "") -> Dict[str, str]:
+def subprocess_env(xla_flags: str = "") -> Dict[str, str]:
+    COMPILATION_CACHE.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)  # later subprocesses skip compiling
+    env["JAX_COMPILATION_CACHE_DIR"] = str(COMPILATION_CACHE)  # later runs skip compiling
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO)
     if xla_flags:
