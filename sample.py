@@ -160,13 +160,11 @@ def main(argv):
     import jax
     import numpy as np
 
-    from ddpm_jax import images, sampling, schedules, train_state
+    from ddpm_jax import images, sampling, schedules, train_state, training
 
     config, params, source = _load_workdir() if _WORKDIR.value else _load_torch()
     _check_request(config)
-    if config.training.get("compilation_cache_dir"):  # as train.py does: reruns skip the compile
-        jax.config.update("jax_compilation_cache_dir",
-                          os.path.expanduser(config.training.compilation_cache_dir))
+    training.configure_compilation_cache(config)
     sampler, ddim_steps, ddim_eta = (_sampler_setting(config, name)
                                      for name in ("sampler", "ddim_steps", "ddim_eta"))
     num_images = _NUM_IMAGES.value

@@ -40,7 +40,6 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -54,10 +53,11 @@ import optax  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from ddpm_jax import diffusion, parallel, train_state  # noqa: E402
+from ddpm_jax.training import make_train_step  # noqa: E402
 from ddpm_jax.schedules import make_schedule  # noqa: E402
 
-# Absent on the GPU machine; the benchmark must not need them.
-HEAVY_MODULES = ("tensorflow", "tensorflow_datasets", "ml_collections")
+# Absent on the GPU machine (ml_collections travels there as a wheel, see run_gpu.sh).
+HEAVY_MODULES = ("tensorflow", "tensorflow_datasets")
 SAMPLE_IMAGES, DDPM_STEPS, DDIM_STEPS = 64, 200, 50
 PARTS = ("train", "bf16", "sample", "loss")
 FRAMEWORKS = ("jax", "torch", "torch_compile")
@@ -105,75 +105,6 @@ def synthetic_images(config, batch: int, seed: int = 0) -> np.ndarray:
 
 
 # --- The JAX train step ------------------------------------------------------------------------
-
-def probe_project_step() -> str:
-    """'' if `ddpm_jax.training` imports without TF/TFDS/ml_collections, else why not.
-
-    Probed in a subprocess so that this process never loads them.
-    """
-    code = ("import sys\nimport ddpm_jax.training\n"
-            f"heavy = [m for m in {HEAVY_MODULES!r} if m in sys.modules]\n"
-            "print('imports ' + ', '.join(heavy) if heavy else '')")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    if proc.returncode:
-        return "import fails: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
-    return proc.stdout.strip()
-
-
-def bench_train_step(state, images, *, model, schedule, optimizer, config, batch_sharding):
-    """A copy of `ddpm_jax.training.train_step`, used only while that module cannot be
-    imported without TensorFlow/TFDS/ml_collections (see `probe_project_step`)."""
-    batch = images.shape[0]
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    data_key, dropout_key = jax.random.split(step_key)
-    example_keys = jax.vmap(lambda i: jax.random.fold_in(data_key, i))(jnp.arange(batch))
-    t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0,
-                                              schedule.num_timesteps))(example_keys)
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), images.shape[1:],
-                                                 images.dtype))(example_keys)
-    t = jax.lax.with_sharding_constraint(t, batch_sharding)
-    noise = jax.lax.with_sharding_constraint(noise, batch_sharding)
-
-    def loss_of(params):
-        def denoise(x, timesteps):
-            return model.apply({"params": params}, x, timesteps, train=True,
-                               rngs={"dropout": dropout_key})
-        return diffusion.p_losses(schedule, denoise, images, t, noise, config.diffusion.loss_type)
-
-    loss, grads = jax.value_and_grad(loss_of)(state.params)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    clip = config.optim.grad_clip_norm
-    if clip > 0:
-        scale = jnp.where(grad_norm > clip, clip / grad_norm, 1.0)
-        grads = jax.tree.map(lambda g: g * scale, grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    decay = config.optim.ema_decay
-    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-
-    def if_finite(new, old):
-        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-
-    new_state = state.replace(
-        step=state.step + 1, params=if_finite(params, state.params),
-        ema_params=if_finite(ema_params, state.ema_params),
-        opt_state=if_finite(opt_state, state.opt_state),
-        skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32))
-    return new_state, dict(loss=loss, grad_norm=grad_norm, finite=finite)
-
-
-def bench_make_train_step(config, model, schedule, optimizer, mesh):
-    """`ddpm_jax.training.make_train_step` for `bench_train_step`."""
-    replicated, batch_sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-
-    def step(state, images):
-        return bench_train_step(state, images, model=model, schedule=schedule,
-                                optimizer=optimizer, config=config, batch_sharding=batch_sharded)
-
-    return jax.jit(step, in_shardings=(replicated, batch_sharded),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
-
 
 class JaxTrainer:
     """A config's model, optimizer and schedule; its train step compiled on first use (ahead
@@ -533,21 +464,13 @@ def rss_peak_bytes() -> int:
 def run_benchmark(args) -> dict:
     device = jax.devices()[0]
     jax.block_until_ready(jnp.ones(()))  # start JAX's backend before PyTorch loads its libraries
-    reason = probe_project_step() if args.train_step == "auto" else ""
-    if args.train_step == "project" or (args.train_step == "auto" and not reason):
-        from ddpm_jax.training import make_train_step
-        step_source = "ddpm_jax.training.make_train_step"
-    else:
-        make_train_step = bench_make_train_step
-        step_source = ("bench copy of ddpm_jax.training.train_step"
-                       + (f" (ddpm_jax.training {reason})" if reason else ""))
     torch_side = TorchSide() if {"torch", "torch_compile"} & set(args.frameworks) else None
     meta = dict(
         command=" ".join([os.path.basename(sys.executable)] + sys.argv),
         quick=args.quick, time=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         jax_device=f"{device.platform}: {device.device_kind}", cpu=cpu_model(),
         cpu_count=os.cpu_count(), load_avg_start=os.getloadavg(), versions=versions(),
-        xla_flags=os.environ.get("XLA_FLAGS", ""), train_step=step_source,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
         torch=torch_side.settings() if torch_side else None,
         sample_steps=dict(ddpm=args.ddpm_steps, ddim=args.ddim_steps))
     print(json.dumps(meta, indent=1, default=str), flush=True)
@@ -641,7 +564,8 @@ def markdown_table(runs) -> str:
                if 'load_avg_end' in m else ""),
             f"Versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax "
             f"{v['flax']}, optax {v['optax']}, torch {v['torch']}; XLA_FLAGS='{m['xla_flags']}'",
-            f"JAX step: {m['train_step']}. Command: `{m['command']}`"
+            f"JAX step: {m.get('train_step', 'ddpm_jax.training.make_train_step')}. "
+            f"Command: `{m['command']}`"
             + (" (--quick: few timed steps; sampling measured over fewer steps and scaled)"
                if m["quick"] else ""), ""]
     lines = [line for line in dict.fromkeys(lines) if line] + [""]
@@ -742,9 +666,6 @@ def parse_args(argv=None):
                         help="train steps of the bf16-vs-f32 loss check")
     parser.add_argument("--loss-batch", type=int, default=0,
                         help="batch of the loss check (default: the training batch)")
-    parser.add_argument("--train-step", choices=("auto", "project", "bench"), default="auto",
-                        help="auto: ddpm_jax.training's step if it imports without "
-                             "TF/TFDS/ml_collections, else the bench's copy")
     parser.add_argument("--quick", action="store_true",
                         help="CPU smoke run: 2 timed steps after 1, sampling 10 DDPM and 5 DDIM "
                              "steps (scaled), loss check 10 steps at batch 16")

@@ -18,6 +18,11 @@ OUT="${OUT:-$(mktemp -d)}"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 mkdir -p "$OUT"
 echo "results in $OUT; python $PY"
+# The GPU image lacks ml_collections: bring its wheel in .whl/ (see BENCHMARKS.md).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 {
   date -u

@@ -12,14 +12,14 @@ from typing import Any, Iterable, List, Optional, Sequence
 
 from ddpm_jax import evaluation, unet
 from ddpm_jax.diffusion import LOSS_TYPES
+from ddpm_jax.input_pipeline import DATASETS
+from ddpm_jax.sampling import SAMPLERS
 from ddpm_jax.schedules import BETA_SCHEDULES
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "folder")
 # (image_size, channels) of the TFDS datasets, which the input pipeline does not resize.
 TFDS_IMAGE_SHAPES = {"fashion_mnist": (28, 1), "mnist": (28, 1), "cifar10": (32, 3)}
 MODEL_DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("skip", "stop")
-SAMPLERS = ("ddpm", "ddim")
 
 # Every field a config must have, by section. The optional `eval` section is
 # checked by `evaluation.validate_config`.
