@@ -83,17 +83,33 @@ def Downsample(dim: int, *, dtype=None, name: Optional[str] = None) -> nn.Conv: 
     return _conv(dim, 4, dim, strides=2, padding=1, dtype=dtype, name=name)
 
 
-def Upsample(dim: int, *, dtype=None, name: Optional[str] = None) -> nn.ConvTranspose:  # noqa: N802
+class Upsample(nn.Module):
     """PyTorch `nn.ConvTranspose2d(dim, dim, 4, 2, 1)`: doubles height and width.
 
     The transposed conv pads the dilated input by kernel - 1 - padding = 2 on
     each side; `transpose_kernel=True` makes the kernel the forward conv's, as
     in PyTorch (its [in, out, kh, kw] weight is this kernel's [kh, kw, out, in]).
+    On CPU it is computed by `conv.upsample_conv_transpose` (four 2x2 convs,
+    5-8x faster on XLA:CPU, equal within float32 rounding); elsewhere by
+    `lax.conv_transpose`. Parameters, as flax `nn.ConvTranspose`'s:
+    kernel [4, 4, dim, in], bias [dim].
     """
-    return nn.ConvTranspose(dim, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
-                            transpose_kernel=True, dtype=dtype,
-                            kernel_init=_torch_kernel_init(),
-                            bias_init=_torch_bias_init(dim * 4 * 4), name=name)
+    dim: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", _torch_kernel_init(), (4, 4, self.dim, in_features),
+                            jnp.float32)
+        bias = self.param("bias", _torch_bias_init(self.dim * 4 * 4), (self.dim,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if jax.default_backend() == "cpu":
+            return conv.upsample_conv_transpose(x, kernel, bias)
+        y = lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
+                               dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                               transpose_kernel=True)
+        return y + bias
 
 
 class DepthwiseConv(nn.Module):

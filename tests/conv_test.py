@@ -95,3 +95,37 @@ def test_grad_under_jit_matches_lax_conv():
 def test_bad_shapes_name_the_argument(x_shape, k_shape, b_shape, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         conv.depthwise_conv2d(jnp.zeros(x_shape), jnp.zeros(k_shape), jnp.zeros(b_shape))
+
+
+def _lax_upsample(x, kernel, bias):
+    """The transposed conv as flax's `ConvTranspose(transpose_kernel=True)` computes it."""
+    return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  transpose_kernel=True) + bias
+
+
+@pytest.mark.parametrize("x_shape,out_dim", [((3, 7, 7, 56), 56), ((2, 5, 6, 8), 12)])
+def test_upsample_matches_lax_conv_transpose(x_shape, out_dim):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((4, 4, out_dim, x_shape[-1])) * 0.1, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(out_dim), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((x_shape[0], 2 * x_shape[1], 2 * x_shape[2], out_dim)),
+                      jnp.float32)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * cot)
+    got = conv.upsample_conv_transpose(x, kernel, bias)
+    want = _lax_upsample(x, kernel, bias)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(loss(conv.upsample_conv_transpose), argnums=(0, 1, 2))(x, kernel, bias)
+    want_grads = jax.grad(loss(_lax_upsample), argnums=(0, 1, 2))(x, kernel, bias)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+
+
+def test_upsample_bad_shapes_name_the_argument():
+    x = jnp.zeros((1, 4, 4, 3))
+    with pytest.raises(ValueError, match="kernel"):
+        conv.upsample_conv_transpose(x, jnp.zeros((3, 3, 5, 3)), jnp.zeros(5))
+    with pytest.raises(ValueError, match="bias"):
+        conv.upsample_conv_transpose(x, jnp.zeros((4, 4, 5, 3)), jnp.zeros(4))
