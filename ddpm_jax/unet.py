@@ -221,13 +221,14 @@ class ConvNextBlock(nn.Module):
         return h + _residual_path(x, self.dim_out, self.dtype)
 
 
-def _split_heads(qkv, heads: int, dim_head: int):
-    """[B, H, W, 3 * heads * dim_head] -> q, k, v of [B, H*W, heads, dim_head].
+def _qkv(x, heads: int, dim_head: int, dtype, name: str = "to_qkv"):
+    """The 1x1 `to_qkv` conv, split into q, k, v of [B, H*W, heads, dim_head].
 
     Channels split as PyTorch's "(h c)" (head outer) and pixels flatten as its
     "(x y)" (row-major), so attention sees the same sequence as in PyTorch.
     """
-    b, height, width, _ = qkv.shape
+    b, height, width, dim = x.shape
+    qkv = _conv(heads * dim_head * 3, 1, dim, use_bias=False, dtype=dtype, name=name)(x)
     return [t.reshape(b, height * width, heads, dim_head) for t in jnp.split(qkv, 3, axis=-1)]
 
 
@@ -241,8 +242,7 @@ class Attention(nn.Module):
     def __call__(self, x):
         b, height, width, dim = x.shape
         hidden = self.heads * self.dim_head
-        qkv = _conv(hidden * 3, 1, dim, use_bias=False, dtype=self.dtype, name="to_qkv")(x)
-        q, k, v = _split_heads(qkv, self.heads, self.dim_head)
+        q, k, v = _qkv(x, self.heads, self.dim_head, self.dtype)
         q = q * self.dim_head ** -0.5
         sim = jnp.einsum("bihd,bjhd->bhij", q, k)
         # The design subtracts the row max first; softmax does the same itself.
@@ -261,8 +261,7 @@ class LinearAttention(nn.Module):
     def __call__(self, x):
         b, height, width, dim = x.shape
         hidden = self.heads * self.dim_head
-        qkv = _conv(hidden * 3, 1, dim, use_bias=False, dtype=self.dtype, name="to_qkv")(x)
-        q, k, v = _split_heads(qkv, self.heads, self.dim_head)
+        q, k, v = _qkv(x, self.heads, self.dim_head, self.dtype)
         q = _softmax(q, axis=-1)  # over the features d (PyTorch's dim=-2)
         k = _softmax(k, axis=1)   # over the pixels n (PyTorch's dim=-1)
         q = q * self.dim_head ** -0.5

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
 from ddpm_jax import classifier, evaluation, schedules, train_state
 from ddpm_jax.parallel import make_mesh
 from tests.likelihood_test import _numpy_bound
+from tests.train_helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMESTEPS, SHAPE = 12, (4, 4, 1)
@@ -109,11 +109,8 @@ def test_validate_config_names_the_field():
 
 def test_evaluator_on_the_tiny_config(fashion_mnist_dirs, tmp_path):
     """Real test images, a tiny UNet, an untrained classifier: every number is produced."""
-    config = tiny.get_config()
+    config = tiny_config(fashion_mnist_dirs, sampling__sampler="ddim", sampling__ddim_steps=2)
     config.unlock()
-    config.data.tfds_data_dir = str(fashion_mnist_dirs.data_dir)
-    config.data.manual_dir = str(fashion_mnist_dirs.manual_dir)
-    config.sampling.sampler, config.sampling.ddim_steps = "ddim", 2
     config.eval = evaluation.default_config()
     config.eval.update(bpd_every=5, bpd_num_images=3, bpd_batch_size=2, fid_every=10,
                        fid_num_samples=6, fid_reference_images=50,

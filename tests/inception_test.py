@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from flax.traverse_util import flatten_dict
 
-from configs import tiny
 from ddpm_jax import evaluation, inception, train_state
 from ddpm_jax.parallel import make_mesh
 from tests.torch_ref_inception import BasicConv2d, FIDInceptionV3 as TorchFIDInceptionV3
+from tests.train_helpers import tiny_config
 
 # torchvision's Inception3 without AuxLogits has 94 conv+BN layers: 5 tensors each
 # (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var) plus fc.weight, fc.bias.
@@ -201,11 +201,8 @@ def test_evaluator_reports_inception_fid(ported, fashion_mnist_dirs, tmp_path):
     train split, through sampling and the metrics dict. (A 2048-d Fréchet distance takes
     ~15 s on a busy CPU.)"""
     reference, _, _ = ported
-    config = tiny.get_config()
+    config = tiny_config(fashion_mnist_dirs, sampling__sampler="ddim", sampling__ddim_steps=2)
     config.unlock()
-    config.data.tfds_data_dir = str(fashion_mnist_dirs.data_dir)
-    config.data.manual_dir = str(fashion_mnist_dirs.manual_dir)
-    config.sampling.sampler, config.sampling.ddim_steps = "ddim", 2
     config.eval = evaluation.default_config()
     config.eval.update(fid_every=10, fid_num_samples=4, fid_reference_images=4,
                        inception_weights=str(tmp_path / "weights.pth"))
