@@ -161,19 +161,37 @@ def jax_peak_bytes():
     return stats.get("peak_bytes_in_use") if stats else None
 
 
-def time_steps(run_step, sync, warmup: int, steps: int):
-    """Median wall seconds of `steps` calls after `warmup` calls, each call synced."""
+def pipelined_seconds(fn, sync, calls: int, windows: int = 3) -> float:
+    """Median over `windows` of (wall time of `calls` calls of `fn` dispatched back to back,
+    then one sync) / `calls`: as a training or sampling loop runs, the host free to queue
+    work ahead of the device."""
+    times = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn()
+        sync(out)
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def time_steps(run_step, sync, warmup: int, steps: int) -> dict:
+    """Seconds per step after `warmup` synced calls: `step_s` pipelined (over windows of
+    `steps` steps; the images/s reported come from it), `synced_step_s` the median of
+    `steps` calls each followed by a sync (host and device never overlap), kept for
+    comparison with earlier runs."""
     for _ in range(warmup):
         sync(run_step())
-    times = []
+    synced = []
     for _ in range(steps):
         start = time.perf_counter()
         sync(run_step())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+        synced.append(time.perf_counter() - start)
+    return dict(step_s=pipelined_seconds(run_step, sync, steps),
+                synced_step_s=statistics.median(synced), step_times_s=synced)
 
 
-def jax_train(trainer: JaxTrainer, warmup: int, steps: int) -> dict:
+def jax_train(trainer: JaxTrainer, warmup: int, steps: int, trace_dir: str = "") -> dict:
     batch = trainer.config.training.batch_size
     images = trainer.put(synthetic_images(trainer.config, batch))
     holder = {"state": trainer.init_state()}
@@ -187,10 +205,15 @@ def jax_train(trainer: JaxTrainer, warmup: int, steps: int) -> dict:
     start = time.perf_counter()
     jax.block_until_ready(run_step())
     first_run_s = time.perf_counter() - start
-    median_s, times = time_steps(run_step, jax.block_until_ready, max(warmup - 1, 0), steps)
-    return dict(images_per_s=batch / median_s, step_s=median_s, step_times_s=times,
-                compile_s=trainer.compile_s, first_step_s=trainer.compile_s + first_run_s,
-                program_bytes=compiled_bytes(step), device_peak_bytes=jax_peak_bytes())
+    timing = time_steps(run_step, jax.block_until_ready, max(warmup - 1, 0), steps)
+    result = dict(images_per_s=batch / timing["step_s"], **timing,
+                  compile_s=trainer.compile_s, first_step_s=trainer.compile_s + first_run_s,
+                  program_bytes=compiled_bytes(step), device_peak_bytes=jax_peak_bytes())
+    if trace_dir:  # where the step's device time goes: its top kernels
+        import gpu_trace
+        result["top_kernels"] = gpu_trace.jax_profile(run_step, trace_dir)
+        gpu_trace.print_kernels(trace_dir, result["top_kernels"])
+    return result
 
 
 def bf16_loss_check(trainers, config_name: str, steps: int, batch: int) -> dict:
@@ -308,8 +331,10 @@ class TorchSide:
         return {k: self.torch.tensor(np.asarray(getattr(schedule, k)), device=self.device)
                 for k in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")}
 
-    def train(self, config, warmup: int, steps: int, compiled: bool) -> dict:
-        """The design's training loop: Adam, p_losses; plus clipping where the config clips."""
+    def train_step(self, config, compiled: bool = False):
+        """One step of the design's training loop (Adam, p_losses; plus clipping where the
+        config clips) on synthetic images: (the network, a function of nothing that runs
+        the step and returns the loss)."""
         torch = self.torch
         functional = torch.nn.functional
         losses = dict(l1=functional.l1_loss, l2=functional.mse_loss,
@@ -339,12 +364,18 @@ class TorchSide:
             optimizer.step()
             return loss
 
+        return net, run_step
+
+    def train(self, config, warmup: int, steps: int, compiled: bool) -> dict:
+        """Images/s, first-step time and peak memory of `train_step`."""
+        _, run_step = self.train_step(config, compiled)
+        batch = config.training.batch_size
         self.reset_peak()
         start = time.perf_counter()
         self.sync(run_step())
         first_step_s = time.perf_counter() - start
-        median_s, times = time_steps(run_step, self.sync, max(warmup - 1, 0), steps)
-        return dict(images_per_s=batch / median_s, step_s=median_s, step_times_s=times,
+        timing = time_steps(run_step, self.sync, max(warmup - 1, 0), steps)
+        return dict(images_per_s=batch / timing["step_s"], **timing,
                     first_step_s=first_step_s, device_peak_bytes=self.peak_bytes())
 
     def sampling(self, config, sampler: str, num_steps: int) -> dict:
@@ -487,11 +518,13 @@ def run_benchmark(args) -> dict:
 
         config = bench_config(name, batch)
         timing = dict(warmup=args.warmup, steps=args.steps)
+        trace, trace16 = (os.path.join(args.trace_dir, f"trace_{name}_{d}") if args.trace_dir
+                          else "" for d in ("f32", "bf16"))
         if "train" in args.parts:
             if "jax" in args.frameworks:
                 rec.run(dict(config=name, part="train", framework="jax", dtype="float32",
                              batch=batch),
-                        lambda: jax_train(trainer("float32"), **timing))
+                        lambda: jax_train(trainer("float32"), **timing, trace_dir=trace))
             if "torch" in args.frameworks:
                 rec.run(dict(config=name, part="train", framework="torch", dtype="float32",
                              batch=batch),
@@ -499,7 +532,7 @@ def run_benchmark(args) -> dict:
         if "bf16" in args.parts and "jax" in args.frameworks:
             rec.run(dict(config=name, part="train", framework="jax", dtype="bfloat16",
                          batch=batch),
-                    lambda: jax_train(trainer("bfloat16"), **timing))
+                    lambda: jax_train(trainer("bfloat16"), **timing, trace_dir=trace16))
         if "sample" in args.parts:
             for sampler, steps, full in (("ddpm", args.ddpm_steps, DDPM_STEPS),
                                          ("ddim", args.ddim_steps, DDIM_STEPS)):
@@ -515,16 +548,16 @@ def run_benchmark(args) -> dict:
                 for framework, fn in runners:
                     rec.run(dict(what, framework=framework),
                             lambda fn=fn, scale=full / steps: scaled(fn(), scale))
-        if "train" in args.parts and "torch_compile" in args.frameworks:
-            rec.run(dict(config=name, part="train", framework="torch_compile", dtype="float32",
-                         batch=batch),
-                    lambda: torch_side.train(config, compiled=True, **timing))
         if "loss" in args.parts and "jax" in args.frameworks:
             loss_batch = args.loss_batch or batch
             rec.run(dict(config=name, part="loss", framework="jax"),
                     lambda: bf16_loss_check({d: trainer(d, loss_batch)
                                              for d in ("float32", "bfloat16")},
                                             name, args.loss_steps, loss_batch))
+        if "train" in args.parts and "torch_compile" in args.frameworks:
+            rec.run(dict(config=name, part="train", framework="torch_compile", dtype="float32",
+                         batch=batch),
+                    lambda: torch_side.train(config, compiled=True, **timing))
         trainers.clear()
     rec.data["meta"]["load_avg_end"] = os.getloadavg()
     rec.write()
@@ -670,6 +703,8 @@ def parse_args(argv=None):
                         help="CPU smoke run: 2 timed steps after 1, sampling 10 DDPM and 5 DDIM "
                              "steps (scaled), loss check 10 steps at batch 16")
     parser.add_argument("--out", default="", help="JSON file for the results")
+    parser.add_argument("--trace-dir", default="",
+                        help="profile the JAX float32 step there and list its top GPU kernels")
     parser.add_argument("--report", nargs="+", metavar="JSON",
                         help="print the table of earlier runs' JSON files and exit")
     args = parser.parse_args(argv)

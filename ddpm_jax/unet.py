@@ -76,6 +76,31 @@ def _softmax(x, axis: int):
     return jax.nn.softmax(x.astype(jnp.float32), axis=axis).astype(x.dtype)
 
 
+# --- The two convolutions whose fastest form depends on the backend -----------------------------
+
+def _upsample(x, kernel, bias):
+    """`Upsample`'s transposed conv: `conv.upsample_conv_transpose` on CPU, else `lax`'s."""
+    if jax.default_backend() == "cpu":
+        return conv.upsample_conv_transpose(x, kernel, bias)
+    y = lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
+                           dimension_numbers=("NHWC", "HWIO", "NHWC"), transpose_kernel=True)
+    return y + bias
+
+
+def _depthwise(x, kernel, bias):
+    """`DepthwiseConv`'s grouped conv: shifted multiply-adds (`conv.depthwise_conv2d`) on CPU
+    and GPU, where XLA's grouped convolution is slow (its gradient 5x slower than the shifted
+    form's on an H100, bench/gpu_profile.py); `lax`'s elsewhere (TPU)."""
+    backend = jax.default_backend()
+    if backend in ("cpu", "gpu"):
+        return conv.depthwise_conv2d(x, kernel, bias, cache_blocked_grad=backend == "cpu")
+    k = kernel.shape[0]
+    y = lax.conv_general_dilated(x, kernel, (1, 1), [(k // 2, k // 2)] * 2,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 feature_group_count=x.shape[-1])
+    return y + bias
+
+
 # --- Building blocks ---------------------------------------------------------------------------
 
 def Downsample(dim: int, *, dtype=None, name: Optional[str] = None) -> nn.Conv:  # noqa: N802
@@ -104,21 +129,15 @@ class Upsample(nn.Module):
                             jnp.float32)
         bias = self.param("bias", _torch_bias_init(self.dim * 4 * 4), (self.dim,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if jax.default_backend() == "cpu":
-            return conv.upsample_conv_transpose(x, kernel, bias)
-        y = lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
-                               dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                               transpose_kernel=True)
-        return y + bias
+        return _upsample(x, kernel, bias)
 
 
 class DepthwiseConv(nn.Module):
     """ConvNeXt's depthwise conv, PyTorch `nn.Conv2d(c, c, k, padding=k // 2, groups=c)`.
 
-    The one place that computes it. XLA:CPU runs grouped convolutions 20-50x
-    slower than PyTorch, so on CPU it uses `conv.depthwise_conv2d` (shifted
-    multiply-adds, equal within float32 rounding); elsewhere the grouped
-    convolution, which GPU and TPU compilers handle well.
+    XLA:CPU runs grouped convolutions 20-50x slower than PyTorch and XLA:GPU
+    their gradient slowly, so on CPU and GPU `_depthwise` uses shifted
+    multiply-adds (equal within float32 rounding); on TPU the grouped convolution.
     Parameters: kernel [k, k, 1, c], bias [c].
     """
     kernel_size: int = 7
@@ -130,12 +149,7 @@ class DepthwiseConv(nn.Module):
         kernel = self.param("kernel", _torch_kernel_init(), (k, k, 1, channels), jnp.float32)
         bias = self.param("bias", _torch_bias_init(k * k), (channels,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if jax.default_backend() == "cpu":
-            return conv.depthwise_conv2d(x, kernel, bias)
-        y = lax.conv_general_dilated(x, kernel, (1, 1), [(k // 2, k // 2)] * 2,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     feature_group_count=channels)
-        return y + bias
+        return _depthwise(x, kernel, bias)
 
 
 class SinusoidalPositionEmbeddings(nn.Module):

@@ -1,4 +1,6 @@
 """ddpm_jax.conv.depthwise_conv2d equals the grouped lax convolution (flax nn.Conv) in value and gradient."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,17 +58,34 @@ def _assert_close(actual, expected, rtol):
 
 # Shapes of the Fashion-MNIST network (odd batch and channel counts included) and
 # a 3x3 kernel on a non-square image.
+# Both gradients: the CPU's cache-blocked one and XLA's autodiff (used on GPU).
+@pytest.mark.parametrize("cache_blocked_grad", [True, False])
 @pytest.mark.parametrize("shape,k", [((6, 28, 28, 18), 7), ((4, 14, 14, 56), 7),
                                      ((5, 7, 7, 224), 7), ((3, 9, 11, 5), 3)])
-def test_value_and_gradients_match_lax_conv(shape, k):
+def test_value_and_gradients_match_lax_conv(shape, k, cache_blocked_grad):
     x, kernel, bias, ct = _inputs(shape, k)
     y_ref, vjp_ref = jax.vjp(_reference, x, kernel, bias)
-    y, vjp = jax.jit(lambda *a: jax.vjp(conv.depthwise_conv2d, *a))(x, kernel, bias)
+    f = functools.partial(conv.depthwise_conv2d, cache_blocked_grad=cache_blocked_grad)
+    y, vjp = jax.jit(lambda *a: jax.vjp(f, *a))(x, kernel, bias)
     exact = _float64_reference(x, kernel, bias, ct)
     for got, want, true in zip((y, *vjp(ct)), (y_ref, *vjp_ref(ct)), exact):
         # Float32 rounding only: close to XLA's own conv, and no further from float64.
         _assert_close(got, want, 5e-6)
         assert _rel_err(got, true) <= 2 * _rel_err(want, true) + 2e-7
+
+
+def test_bfloat16_input_is_accumulated_in_float32():
+    # Accumulated in float32, only two roundings to bfloat16 remain (the sum, then the
+    # bias add), each <= 2^-8 of the largest value: 4.2e-3 here, as XLA's own bfloat16
+    # conv. The 49 products summed in bfloat16 would be off by 9.8e-3.
+    x, kernel, bias, _ = _inputs((4, 14, 14, 56), 7)
+    x16, kernel16, bias16 = (a.astype(jnp.bfloat16) for a in (x, kernel, bias))
+    exact = _float64_reference(x16, kernel16, bias16, x16)[0]
+    for blocked in (True, False):
+        y = jax.jit(functools.partial(conv.depthwise_conv2d, cache_blocked_grad=blocked))(
+            x16, kernel16, bias16)
+        assert y.dtype == jnp.bfloat16
+        assert _rel_err(y, exact) <= 2.0 ** -7
 
 
 def test_kernel_gradient_sums_over_several_chunks():
