@@ -14,14 +14,19 @@ are printed, written as JSON to --output (default
 and TensorBoard (<workdir>/eval/tensorboard), apart from the training run's
 own metrics file, which a running training may still be writing.
 """
-import json
-import os
 
-import jax
-from absl import app, flags, logging
+from ddpm_jax import xla_flags
 
-from ddpm_jax import checkpointing, evaluation, parallel
-from ddpm_jax.metrics_writer import MetricsWriter
+xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from ddpm_jax import checkpointing, evaluation, parallel  # noqa: E402
+from ddpm_jax.metrics_writer import MetricsWriter  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's --workdir.", required=True)

@@ -14,15 +14,20 @@ are a function of (--seed, image index): the same on any number of devices
 and with any --chunk_size. Every process of a multi-host run runs the same
 command; process 0 writes the files.
 """
-import logging
-import math
-import os
-import sys
-import time
 
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+from ddpm_jax import xla_flags
+
+xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once
+
+import logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir: sample its newest "
                                "checkpoint.")

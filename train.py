@@ -10,14 +10,19 @@ command each; on Cloud TPU VMs, SLURM and Open MPI they find each other by
 themselves, elsewhere pass --coordinator_address, --num_processes and
 --process_id.
 """
-import logging
-import sys
 
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+from ddpm_jax import xla_flags
 
-from ddpm_jax import checkpointing, config_validation, parallel, training
+xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from ddpm_jax import checkpointing, config_validation, parallel, training  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")

@@ -7,12 +7,17 @@ training does), trains `ddpm_jax.classifier.Classifier`, prints the test
 accuracy and saves the network with Orbax. A classifier below
 --min_accuracy is not saved: its features would make a poor yardstick.
 """
-import sys
-import time
 
-from absl import app, flags
+from ddpm_jax import xla_flags
 
-from ddpm_jax import classifier, input_pipeline
+xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once
+
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from ddpm_jax import classifier, input_pipeline  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Where to save the classifier.", required=True)

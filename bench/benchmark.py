@@ -30,7 +30,13 @@ weights and checks loss and gradients for NaN/inf.
     .venv/bin/python bench/benchmark.py --report a.json b.json   # one table from several runs
 """
 import os
+import sys
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from ddpm_jax import xla_flags  # noqa: E402
+
+xla_flags.apply_cpu_defaults()  # as train.py and sample.py run (CPU only; before JAX starts)
 # PyTorch shares the GPU with JAX: JAX must not take 75% of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -40,7 +46,6 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 import types  # noqa: E402
@@ -50,8 +55,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 from ddpm_jax import diffusion, parallel, train_state  # noqa: E402
 from ddpm_jax.training import make_train_step  # noqa: E402
 from ddpm_jax.schedules import make_schedule  # noqa: E402

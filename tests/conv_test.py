@@ -69,9 +69,13 @@ def test_value_and_gradients_match_lax_conv(shape, k, cache_blocked_grad):
     y, vjp = jax.jit(lambda *a: jax.vjp(f, *a))(x, kernel, bias)
     exact = _float64_reference(x, kernel, bias, ct)
     for got, want, true in zip((y, *vjp(ct)), (y_ref, *vjp_ref(ct)), exact):
-        # Float32 rounding only: close to XLA's own conv, and no further from float64.
+        # Float32 rounding only: close to XLA's own conv, and about as close to float64:
+        # within 2x XLA's error, or the sqrt(n) * 2^-24 typical of a float32 sum of n
+        # terms (the kernel gradient sums n = B*H*W products; XLA's own conv is off by
+        # 1.5e-6 there with its default flags, by 3.8e-7 with YNN fusions off).
         _assert_close(got, want, 5e-6)
-        assert _rel_err(got, true) <= 2 * _rel_err(want, true) + 2e-7
+        n_terms = shape[0] * shape[1] * shape[2]
+        assert _rel_err(got, true) <= max(2 * _rel_err(want, true), np.sqrt(n_terms) * 2.0 ** -24)
 
 
 def test_bfloat16_input_is_accumulated_in_float32():

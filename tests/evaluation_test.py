@@ -14,7 +14,7 @@ import pytest
 from ddpm_jax import classifier, evaluation, schedules, train_state
 from ddpm_jax.parallel import make_mesh
 from tests.likelihood_test import _numpy_bound
-from tests.train_helpers import tiny_config
+from tests.train_helpers import subprocess_env, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMESTEPS, SHAPE = 12, (4, 4, 1)
@@ -79,8 +79,7 @@ def test_same_bound_on_eight_devices():
         out = _toy_bpd(_images(11), batch_size=4)  # 4 rounds up to 8 per call: 2 calls
         print(json.dumps({k: v.tolist() for k, v in out.items()}))
     """ % REPO)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = subprocess_env("--xla_force_host_platform_device_count=8")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env=env, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -14,6 +14,7 @@ from PIL import Image
 from ddpm_jax import convert, diffusion, images, sampling, schedules
 from ddpm_jax.unet import Unet
 from tests import torch_ref_diffusion as ref
+from tests.train_helpers import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (6, 6, 2)
@@ -186,8 +187,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
 def test_same_images_on_one_and_eight_devices(tmp_path):
     """13 images on 8 simulated devices, in 2 padded chunks, against 1 device."""
     out = tmp_path / "eight.npz"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env = subprocess_env("--xla_force_host_platform_device_count=8")
     subprocess.run([sys.executable, "-c", _EIGHT_DEVICES, str(out)], check=True, env=env,
                    cwd=REPO, timeout=300)
     eight = np.load(out)

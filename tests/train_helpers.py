@@ -53,10 +53,8 @@ def subprocess_env(xla_flags: str = "") -> Dict[str, str]:
     env["JAX_COMPILATION_CACHE_DIR"] = str(COMPILATION_CACHE)  # later runs skip compiling
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO)
-    if xla_flags:
-        env["XLA_FLAGS"] = xla_flags
-    else:
-        env.pop("XLA_FLAGS", None)
+    # This process's XLA_FLAGS (the tests' defaults, conftest.py) plus `xla_flags`.
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     return env
 
 
