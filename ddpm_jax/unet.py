@@ -103,9 +103,28 @@ def _depthwise(x, kernel, bias):
 
 # --- Building blocks ---------------------------------------------------------------------------
 
-def Downsample(dim: int, *, dtype=None, name: Optional[str] = None) -> nn.Conv:  # noqa: N802
-    """PyTorch `nn.Conv2d(dim, dim, 4, 2, 1)`: halves height and width."""
-    return _conv(dim, 4, dim, strides=2, padding=1, dtype=dtype, name=name)
+class Downsample(nn.Module):
+    """PyTorch `nn.Conv2d(dim, dim, 4, 2, 1)`: halves height and width.
+
+    Parameters as flax `nn.Conv`'s: kernel [4, 4, in, dim], bias [dim]. On CPU
+    `conv.downsample_conv` (XLA's conv, with the input gradient as a transposed
+    conv: 3x faster on XLA:CPU); elsewhere `lax`'s conv.
+    """
+    dim: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", _torch_kernel_init(), (4, 4, in_features, self.dim),
+                            jnp.float32)
+        bias = self.param("bias", _torch_bias_init(in_features * 4 * 4), (self.dim,),
+                          jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if jax.default_backend() == "cpu":
+            return conv.downsample_conv(x, kernel, bias)
+        return lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
 
 
 class Upsample(nn.Module):

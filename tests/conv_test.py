@@ -1,4 +1,4 @@
-"""ddpm_jax.conv.depthwise_conv2d equals the grouped lax convolution (flax nn.Conv) in value and gradient."""
+"""ddpm_jax.conv's CPU formulations equal the lax convolutions they replace, in value and gradient."""
 import functools
 
 import jax
@@ -152,3 +152,32 @@ def test_upsample_bad_shapes_name_the_argument():
         conv.upsample_conv_transpose(x, jnp.zeros((3, 3, 5, 3)), jnp.zeros(5))
     with pytest.raises(ValueError, match="bias"):
         conv.upsample_conv_transpose(x, jnp.zeros((4, 4, 5, 3)), jnp.zeros(4))
+
+
+@pytest.mark.parametrize("x_shape,out_dim", [((3, 28, 28, 28), 28), ((2, 6, 10, 5), 7)])
+def test_downsample_matches_lax_strided_conv(x_shape, out_dim):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((4, 4, x_shape[-1], out_dim)) * 0.1, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(out_dim), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((x_shape[0], x_shape[1] // 2, x_shape[2] // 2,
+                                           out_dim)), jnp.float32)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * cot)
+    got, want = conv.downsample_conv(x, kernel, bias), conv._strided_conv(x, kernel) + bias
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # the same XLA conv
+    grads = jax.jit(jax.grad(loss(conv.downsample_conv), argnums=(0, 1, 2)))(x, kernel, bias)
+    want_grads = jax.grad(loss(lambda x, k, b: conv._strided_conv(x, k) + b),
+                          argnums=(0, 1, 2))(x, kernel, bias)
+    for g, w in zip(grads, want_grads):
+        _assert_close(g, w, 2e-6)
+
+
+@pytest.mark.parametrize("x_shape,k_shape,b_shape,field", [
+    ((1, 5, 4, 3), (4, 4, 3, 6), (6,), "x"),
+    ((1, 4, 4, 3), (3, 3, 3, 6), (6,), "kernel"),
+    ((1, 4, 4, 3), (4, 4, 2, 6), (6,), "kernel"),
+    ((1, 4, 4, 3), (4, 4, 3, 6), (5,), "bias"),
+])
+def test_downsample_bad_shapes_name_the_argument(x_shape, k_shape, b_shape, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        conv.downsample_conv(jnp.zeros(x_shape), jnp.zeros(k_shape), jnp.zeros(b_shape))
