@@ -38,28 +38,73 @@ def _shifted_sum(xp, kernel, out_hw):
     return out.astype(xp.dtype)
 
 
-def _chunk_size(x):
-    """Largest divisor of the batch whose images fit in _CHUNK_BYTES (at least 1)."""
+def _chunk_size(x, max_bytes=_CHUNK_BYTES):
+    """Largest divisor of the batch whose images fit in max_bytes (at least 1)."""
     image_bytes = x[0].size * x.dtype.itemsize
     return max([n for n in range(1, x.shape[0] + 1)
-                if x.shape[0] % n == 0 and n * image_bytes <= _CHUNK_BYTES] or [1])
+                if x.shape[0] % n == 0 and n * image_bytes <= max_bytes] or [1])
+
+
+def _sum_over_chunks(chunk_sums, k, c, *batched):
+    """sum over batch chunks of chunk_sums(*chunk) ([K, K, C] each), in a scan."""
+    def add_chunk(acc, chunk):
+        return acc + chunk_sums(*chunk), None
+
+    dk, _ = jax.lax.scan(add_chunk, jnp.zeros((k, k, c), jnp.float32), batched)
+    return dk
 
 
 def _kernel_grad(x, g, k):
-    """dk[i, j, c] = sum_{b,h,w} xpad[b, h+i, w+j, c] * g[b, h, w, c], accumulated in float32."""
+    """dk[i, j, c] = sum_{b,h,w} xpad[b, h+i, w+j, c] * g[b, h, w, c], accumulated in float32.
+
+    Each of the K*K sums runs over a few images at a time (in cache). Images at
+    least _FLAT_MIN_WIDTH wide take `_kernel_grad_flat`'s layout instead.
+    """
     b, h, w, c = x.shape
+    if w >= _FLAT_MIN_WIDTH:
+        return _kernel_grad_flat(x, g, k)
     n = _chunk_size(x)
     xp = _pad_same(x, k // 2).reshape(b // n, n, h + k - 1, w + k - 1, c)
     gs = g.reshape(b // n, n, h, w, c)
 
-    def add_chunk(acc, chunk):
-        xpc, gc = chunk
-        sums = [[jnp.sum(xpc[:, i:i + h, j:j + w, :] * gc, axis=(0, 1, 2), dtype=jnp.float32)
-                 for j in range(k)] for i in range(k)]
-        return acc + jnp.array(sums), None
+    def chunk_sums(xpc, gc):
+        return jnp.array([[jnp.sum(xpc[:, i:i + h, j:j + w, :] * gc, axis=(0, 1, 2),
+                                   dtype=jnp.float32) for j in range(k)] for i in range(k)])
 
-    dk, _ = jax.lax.scan(add_chunk, jnp.zeros((k, k, c), jnp.float32), (xp, gs))
-    return dk
+    return _sum_over_chunks(chunk_sums, k, c, xp, gs)
+
+
+# The flat layout's sums cover (W + K - 1) / W times the products: 1.9x at W = 7, where
+# the sums above win; from W = 14 the flat ones are 1.3-1.9x faster (bench/NOTES_cpu.md).
+_FLAT_MIN_WIDTH = 14
+_FLAT_CHUNK_BYTES = 64 * 1024
+
+
+def _kernel_grad_flat(x, g, k):
+    """`_kernel_grad` with each sum along one long contiguous axis.
+
+    With channels outermost and each image's padded rows flattened, tap (i, j)
+    is the flat offset i * (W + K - 1) + j, and g, given K - 1 zero columns,
+    lines up with it: the products that wrap around a row end are zero. The
+    sums then vectorize along H * (W + K - 1) elements instead of C channels.
+    """
+    b, h, w, c = x.shape
+    p = k // 2
+    width = w + 2 * p
+    length = h * width
+    xf = _pad_same(x, p).transpose(0, 3, 1, 2).reshape(b, c, (h + 2 * p) * width)
+    xf = jnp.pad(xf, ((0, 0), (0, 0), (0, 2 * p)))  # the last tap reads 2p past the end
+    gf = jnp.pad(g, ((0, 0), (0, 0), (0, 2 * p), (0, 0))).transpose(0, 3, 1, 2)
+    gf = gf.reshape(b, c, length)
+    n = _chunk_size(xf, _FLAT_CHUNK_BYTES)
+
+    def chunk_sums(xc, gc):
+        return jnp.stack([jnp.sum(xc[:, :, i * width + j:i * width + j + length] * gc,
+                                  axis=(0, 2), dtype=jnp.float32)
+                          for i in range(k) for j in range(k)]).reshape(k, k, c)
+
+    return _sum_over_chunks(chunk_sums, k, c, xf.reshape(b // n, n, c, -1),
+                            gf.reshape(b // n, n, c, length))
 
 
 def _in_chunks(fn, x, *args):

@@ -92,10 +92,12 @@ def test_bfloat16_input_is_accumulated_in_float32():
         assert _rel_err(y, exact) <= 2.0 ** -7
 
 
-def test_kernel_gradient_sums_over_several_chunks():
-    # 2 x 64 x 64 x 40 float32 images are 640 KiB each: one image per chunk, two chunks.
-    x, kernel, _, ct = _inputs((2, 64, 64, 40), 7)
-    assert conv._chunk_size(x) == 1
+# Both layouts of the kernel gradient (flat from _FLAT_MIN_WIDTH = 14), each with images
+# larger than its chunk: one image per chunk, two chunks.
+@pytest.mark.parametrize("shape", [(2, 64, 64, 40), (2, 13, 13, 400)])
+def test_kernel_gradient_sums_over_several_chunks(shape):
+    x, kernel, _, ct = _inputs(shape, 7)
+    assert conv._chunk_size(x) == 1 and conv._chunk_size(x, conv._FLAT_CHUNK_BYTES) == 1
     dk = conv._kernel_grad(x, ct, 7)
     dk_first = conv._kernel_grad(x[:1], ct[:1], 7)
     dk_second = conv._kernel_grad(x[1:], ct[1:], 7)
