@@ -1,13 +1,16 @@
-"""Convolutions that XLA:CPU (and, for the depthwise one, XLA:GPU) runs fast, equal to their `lax` forms up to float32 rounding
-(same products, other summation order): a depthwise convolution (`lax.conv_general_dilated`
-with `feature_group_count=C`) and the UNet's stride-2 4x4 transposed convolution.
+"""Convolutions that XLA:CPU runs fast, equal to their `lax` forms up to float32 rounding
+(same products, other summation order): the UNet's depthwise 7x7 convolution
+(`lax.conv_general_dilated` with `feature_group_count=C`; also used on GPU), its
+stride-2 4x4 transposed convolution (Upsample) and the gradient of its stride-2 4x4
+convolution (Downsample). bench/NOTES_cpu.md has the measurements.
 
 XLA:CPU (jaxlib 0.10.2) runs a grouped convolution with as many groups as
-channels 20-50x slower than PyTorch, and its kernel gradient worse still
-(bench/NOTES_cpu.md). Written as K*K shifted multiply-adds, the forward pass
-and the input gradient become one fused elementwise loop each; the kernel
-gradient, K*K sums over batch and space, is taken over a few images at a time
-so that each product stays in cache.
+channels 20-50x slower than PyTorch, and its kernel gradient worse still.
+Written as K*K shifted multiply-adds, the forward pass and the input gradient
+become one elementwise loop each, run over a few images at a time (in a loop,
+so that XLA cannot fuse, and recompute, the 49 taps inside a later transpose);
+the kernel gradient, K*K sums over batch and space, is likewise taken over a
+few images at a time so that each product stays in cache.
 """
 
 import jax

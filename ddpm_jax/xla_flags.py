@@ -2,7 +2,7 @@
 
 With XLA:CPU's default YNNPACK fusions (jaxlib 0.10), the UNet's 3x3 and 1x1
 convolutions and its matmuls run 2-5x slower than PyTorch's; without them, at
-PyTorch's speed. A Fashion-MNIST training step at batch 128 takes 4.2 s
+PyTorch's speed: a Fashion-MNIST training step at batch 128 took 4.2 s
 instead of 6.5 s on a 2-core CPU, and sampling a third less
 (bench/NOTES_cpu.md). Only XLA:CPU reads the flag; GPU and TPU programs are
 unchanged.

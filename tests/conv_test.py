@@ -1,4 +1,4 @@
-"""ddpm_jax.conv's CPU formulations equal the lax convolutions they replace, in value and gradient."""
+"""ddpm_jax.conv's CPU formulations equal the lax convolutions they replace, value and gradient."""
 import functools
 
 import jax
