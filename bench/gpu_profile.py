@@ -20,6 +20,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -29,7 +30,6 @@ import traceback  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark as bm  # noqa: E402
@@ -42,10 +42,7 @@ START = time.perf_counter()
 # --- Candidate formulations --------------------------------------------------------------------
 
 def _lax_depthwise(x, kernel):
-    k = kernel.shape[0]
-    return lax.conv_general_dilated(x, kernel, (1, 1), [(k // 2, k // 2)] * 2,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    feature_group_count=x.shape[-1])
+    return unet._lax_depthwise(x, kernel, 0)
 
 
 def _stacked_kernel_grad(x, g, k):
@@ -74,46 +71,26 @@ def _make_depthwise(forward, input_grad, kernel_grad):
     return lambda x, kernel, bias: f(x, kernel) + bias
 
 
-def _shifted(x, kernel):
-    k = kernel.shape[0]
-    return conv._shifted_sum(conv._pad_same(x, k // 2), kernel[:, :, 0, :], x.shape[1:3])
-
-
 def _shifted_input_grad(g, kernel):
-    return _shifted(g, kernel[::-1, ::-1])
+    return conv._depthwise_chunk(g, kernel[::-1, ::-1])
 
 
 def _lax_input_grad(g, kernel):
     return _lax_depthwise(g, kernel[::-1, ::-1])
 
 
-def _whole_batch_chunks(x, kernel, bias):
-    saved = conv._CHUNK_BYTES
-    conv._CHUNK_BYTES = 1 << 40
-    try:
-        return conv.depthwise_conv2d(x, kernel, bias)
-    finally:
-        conv._CHUNK_BYTES = saved
-
-
 DEPTHWISE = {
-    "lax": lambda x, kernel, bias: _lax_depthwise(x, kernel) + bias,
-    "shifted_autodiff": lambda x, kernel, bias: _shifted(x, kernel) + bias,
+    "lax": unet._lax_depthwise,
+    "shifted_autodiff": functools.partial(conv.depthwise_conv2d, cache_blocked_grad=False),
     "shifted_cpu_chunks": conv.depthwise_conv2d,
-    "shifted_whole_batch": _whole_batch_chunks,
-    "shifted_stacked": _make_depthwise(_shifted, _shifted_input_grad, _stacked_kernel_grad),
+    "shifted_stacked": _make_depthwise(conv._depthwise_chunk, _shifted_input_grad,
+                                       _stacked_kernel_grad),
     "lax_fwd_stacked_dk": _make_depthwise(_lax_depthwise, _lax_input_grad,
                                           _stacked_kernel_grad),
 }
 
 
-def _lax_upsample(x, kernel, bias):
-    return lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
-                              dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                              transpose_kernel=True) + bias
-
-
-UPSAMPLE = {"lax": _lax_upsample, "four_2x2": conv.upsample_conv_transpose}
+UPSAMPLE = {"lax": unet._lax_upsample, "four_2x2": conv.upsample_conv_transpose}
 
 
 class use:
@@ -141,9 +118,10 @@ def per_call(fn, sync, iters: int, reps: int = 5) -> float:
 def conv_shapes(config, batch: int):
     """Input shapes of every depthwise and upsample call of the config's UNet at `batch`."""
     seen = collections.defaultdict(list)
-    recorders = (lambda x, k, b: seen["depthwise"].append(x.shape) or _lax_depthwise(x, k) + b,
+    recorders = (lambda x, k, b: seen["depthwise"].append(x.shape) or
+                 unet._lax_depthwise(x, k, b),
                  lambda x, k, b: seen["upsample"].append((x.shape, k.shape)) or
-                 _lax_upsample(x, k, b))
+                 unet._lax_upsample(x, k, b))
     old = (unet._depthwise, unet._upsample)
     unet._depthwise, unet._upsample = recorders
     try:

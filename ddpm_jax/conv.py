@@ -169,7 +169,7 @@ def depthwise_conv2d(x, kernel, bias, *, cache_blocked_grad: bool = True):
         raise ValueError(f'bias: expected [{x.shape[-1]}], got shape {bias.shape}')
     if cache_blocked_grad:
         return _depthwise(x, kernel) + bias
-    return _shifted_sum(_pad_same(x, k // 2), kernel[:, :, 0, :], x.shape[1:3]) + bias
+    return _depthwise_chunk(x, kernel) + bias
 
 
 def upsample_conv_transpose(x, kernel, bias):
@@ -212,18 +212,19 @@ def upsample_conv_transpose(x, kernel, bias):
     return y.reshape(b, 2 * h, 2 * w, -1) + bias
 
 
-def _strided_conv(x, kernel):
+def strided_conv(x, kernel):
+    """XLA's PyTorch `nn.Conv2d(C, D, 4, stride=2, padding=1)` without bias, NHWC / HWIO."""
     return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
 @jax.custom_vjp
 def _downsample(x, kernel):
-    return _strided_conv(x, kernel)
+    return strided_conv(x, kernel)
 
 
 def _downsample_fwd(x, kernel):
-    return _strided_conv(x, kernel), (x, kernel)
+    return strided_conv(x, kernel), (x, kernel)
 
 
 def _downsample_bwd(residuals, g):
@@ -231,7 +232,7 @@ def _downsample_bwd(residuals, g):
     # The input gradient of a stride-2 4x4 conv with padding 1 is the transposed conv
     # of g with the same kernel: [4, 4, C, D] in HWIO is upsample's [4, 4, out, in].
     dx = upsample_conv_transpose(g, kernel, jnp.zeros(kernel.shape[2], g.dtype))
-    _, kernel_vjp = jax.vjp(lambda k: _strided_conv(x, k), kernel)
+    _, kernel_vjp = jax.vjp(lambda k: strided_conv(x, k), kernel)
     return dx, kernel_vjp(g)[0]
 
 

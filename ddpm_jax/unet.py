@@ -76,29 +76,47 @@ def _softmax(x, axis: int):
     return jax.nn.softmax(x.astype(jnp.float32), axis=axis).astype(x.dtype)
 
 
-# --- The two convolutions whose fastest form depends on the backend -----------------------------
+# --- The convolutions whose fastest form depends on the backend -------------------------------
 
-def _upsample(x, kernel, bias):
-    """`Upsample`'s transposed conv: `conv.upsample_conv_transpose` on CPU, else `lax`'s."""
-    if jax.default_backend() == "cpu":
-        return conv.upsample_conv_transpose(x, kernel, bias)
+def _lax_upsample(x, kernel, bias):
+    """XLA's own transposed conv (`Upsample`)."""
     y = lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
                            dimension_numbers=("NHWC", "HWIO", "NHWC"), transpose_kernel=True)
     return y + bias
 
 
-def _depthwise(x, kernel, bias):
-    """`DepthwiseConv`'s grouped conv: shifted multiply-adds (`conv.depthwise_conv2d`) on CPU
-    and GPU, where XLA's grouped convolution is slow (its gradient 5x slower than the shifted
-    form's on an H100, bench/gpu_profile.py); `lax`'s elsewhere (TPU)."""
-    backend = jax.default_backend()
-    if backend in ("cpu", "gpu"):
-        return conv.depthwise_conv2d(x, kernel, bias, cache_blocked_grad=backend == "cpu")
+def _lax_depthwise(x, kernel, bias):
+    """XLA's own grouped conv (`DepthwiseConv`)."""
     k = kernel.shape[0]
     y = lax.conv_general_dilated(x, kernel, (1, 1), [(k // 2, k // 2)] * 2,
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                  feature_group_count=x.shape[-1])
     return y + bias
+
+
+def _upsample(x, kernel, bias):
+    """`Upsample`'s transposed conv: `conv.upsample_conv_transpose` on CPU, else XLA's."""
+    if jax.default_backend() == "cpu":
+        return conv.upsample_conv_transpose(x, kernel, bias)
+    return _lax_upsample(x, kernel, bias)
+
+
+def _downsample(x, kernel, bias):
+    """`Downsample`'s strided conv: on CPU with `conv.downsample_conv`'s faster input
+    gradient, else XLA's."""
+    if jax.default_backend() == "cpu":
+        return conv.downsample_conv(x, kernel, bias)
+    return conv.strided_conv(x, kernel) + bias
+
+
+def _depthwise(x, kernel, bias):
+    """`DepthwiseConv`'s grouped conv: shifted multiply-adds (`conv.depthwise_conv2d`) on CPU
+    and GPU, where XLA's grouped convolution is slow (its gradient 5x slower than the shifted
+    form's on an H100, bench/gpu_profile.py); XLA's elsewhere (TPU)."""
+    backend = jax.default_backend()
+    if backend in ("cpu", "gpu"):
+        return conv.depthwise_conv2d(x, kernel, bias, cache_blocked_grad=backend == "cpu")
+    return _lax_depthwise(x, kernel, bias)
 
 
 # --- Building blocks ---------------------------------------------------------------------------
@@ -107,8 +125,7 @@ class Downsample(nn.Module):
     """PyTorch `nn.Conv2d(dim, dim, 4, 2, 1)`: halves height and width.
 
     Parameters as flax `nn.Conv`'s: kernel [4, 4, in, dim], bias [dim]. On CPU
-    `conv.downsample_conv` (XLA's conv, with the input gradient as a transposed
-    conv: 3x faster on XLA:CPU); elsewhere `lax`'s conv.
+    the input gradient is a transposed conv (`_downsample`: 3x faster on XLA:CPU).
     """
     dim: int
     dtype: Any = None
@@ -121,10 +138,7 @@ class Downsample(nn.Module):
         bias = self.param("bias", _torch_bias_init(in_features * 4 * 4), (self.dim,),
                           jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if jax.default_backend() == "cpu":
-            return conv.downsample_conv(x, kernel, bias)
-        return lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+        return _downsample(x, kernel, bias)
 
 
 class Upsample(nn.Module):

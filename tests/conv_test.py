@@ -165,10 +165,10 @@ def test_downsample_matches_lax_strided_conv(x_shape, out_dim):
     cot = jnp.asarray(rng.standard_normal((x_shape[0], x_shape[1] // 2, x_shape[2] // 2,
                                            out_dim)), jnp.float32)
     loss = lambda f: lambda *a: jnp.sum(f(*a) * cot)
-    got, want = conv.downsample_conv(x, kernel, bias), conv._strided_conv(x, kernel) + bias
+    got, want = conv.downsample_conv(x, kernel, bias), conv.strided_conv(x, kernel) + bias
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # the same XLA conv
     grads = jax.jit(jax.grad(loss(conv.downsample_conv), argnums=(0, 1, 2)))(x, kernel, bias)
-    want_grads = jax.grad(loss(lambda x, k, b: conv._strided_conv(x, k) + b),
+    want_grads = jax.grad(loss(lambda x, k, b: conv.strided_conv(x, k) + b),
                           argnums=(0, 1, 2))(x, kernel, bias)
     for g, w in zip(grads, want_grads):
         _assert_close(g, w, 2e-6)
