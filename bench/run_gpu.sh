@@ -11,8 +11,9 @@
 # runs in its own process (JAX's peak-memory counter is per process, and a timeout keeps
 # the parts done); inside a process every part is caught, and the JSON is rewritten after
 # each part. JAX and PyTorch share the GPU in one process (JAX allocates on demand).
-# CIFAR-10 skips sampling and torch.compile. TRACE=1 adds the JAX steps' top GPU kernels
-# (~50 s more per config). Files back: env.txt, run.log, <config>.json, table.md.
+# CIFAR-10 skips sampling and torch.compile (CIFAR_PARTS: its parts, default train,bf16).
+# TRACE=1 adds the JAX steps' top GPU kernels (~50 s more per config).
+# Files back: env.txt, run.log, <config>.json, table.md.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -62,7 +63,7 @@ CONFIGS="${1:-fashion cifar10}"
                  --loss-steps 200 ;;
       # CIFAR-10: training f32/bf16 against PyTorch eager.
       cifar10) run cifar10 "${CIFAR_LIMIT:-240}" --configs cifar10 --frameworks jax,torch \
-                 --steps 10 --warmup 3 --parts train,bf16 ;;
+                 --steps 10 --warmup 3 --parts "${CIFAR_PARTS:-train,bf16}" ;;
       *) echo "unknown config $config; valid: fashion, cifar10, profile"; exit 2 ;;
     esac
   done
