@@ -180,6 +180,15 @@ class _Loop:
         self.pending: List[Tuple[int, Dict[str, jax.Array]]] = []
         self.last_checkpoint: Optional[int] = start_step if start_step > 0 else None
         self.interval_start, self.interval_steps = time.perf_counter(), 0
+        self.input_wait_s = 0.0
+
+    def next_batch(self, batches: Iterator[np.ndarray]) -> np.ndarray:
+        """The next batch, timing how long the loop waits for it: a starved device shows
+        as `input_wait_fraction` in the metrics."""
+        start = time.perf_counter()
+        batch = next(batches)
+        self.input_wait_s += time.perf_counter() - start
+        return batch
 
     def record(self, step: int, metrics: Dict[str, jax.Array]) -> None:
         self.pending.append((step, metrics))
@@ -202,8 +211,10 @@ class _Loop:
                 f"non-finite loss or gradient at step {bad[0]} (config.training.nan_policy="
                 f"'stop'); {kept}. Steps with non-finite values: {bad}", bad[0])
         now = time.perf_counter()
-        seconds_per_step = (now - self.interval_start) / self.interval_steps
-        self.interval_start, self.interval_steps = now, 0
+        interval_s = now - self.interval_start
+        seconds_per_step = interval_s / self.interval_steps
+        input_wait_fraction = min(self.input_wait_s / interval_s, 1.0)
+        self.interval_start, self.interval_steps, self.input_wait_s = now, 0, 0.0
         finite = [v for v in values if v["finite"]]
         last = values[-1]
         row = dict(
@@ -213,6 +224,7 @@ class _Loop:
             skipped_steps=int(last["skipped_steps"]),
             nonfinite_steps=len(bad),
             images_per_s=self.config.training.batch_size / seconds_per_step,
+            input_wait_fraction=input_wait_fraction,
         )
         self.writer.write_scalars(steps[-1], row)
         self.writer.flush()
@@ -225,7 +237,7 @@ class _Loop:
 
     def restart_clock(self) -> None:
         """Leave the time spent saving, sampling or evaluating out of the images/s."""
-        self.interval_start = time.perf_counter()
+        self.interval_start, self.input_wait_s = time.perf_counter(), 0.0
 
     def save(self, step: int, state: TrainState) -> None:
         self.flush()  # with nan_policy='stop', never checkpoint past a non-finite step
@@ -334,7 +346,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
             if _stop_requested(stop_event, step, t.log_every):
                 status = "preempted"
                 break
-            state, metrics = step_fn(state, parallel.global_batch(next(batches), mesh))
+            state, metrics = step_fn(state, parallel.global_batch(loop.next_batch(batches), mesh))
             step += 1
             loop.record(step, metrics)
             if step % t.log_every == 0:

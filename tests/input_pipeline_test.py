@@ -59,6 +59,20 @@ def test_shapes_and_range(train, test_split):
     np.testing.assert_array_equal(np.bincount(labels), np.full(10, 1000))
 
 
+def test_split_decoded_in_memory_equals_tfds_records(fashion_mnist_dirs, train):
+    """The split decoded once with PIL holds TFDS's own decoded records, index for index."""
+    builder = datasets.prepare_tfds("fashion_mnist", data_dir=fashion_mnist_dirs.data_dir,
+                                    allow_download=False)
+    records = builder.as_data_source(split="train")
+    indices = np.random.default_rng(0).choice(len(records), 300, replace=False)
+    indices = np.concatenate([[0, len(records) - 1], indices])
+    want = records.__getitems__(indices.tolist())
+    images, labels = train.read_labeled(indices)
+    np.testing.assert_array_equal(images, np.stack([r["image"] for r in want]))
+    np.testing.assert_array_equal(labels, [r["label"] for r in want])
+    assert images.std() > 50  # real pixels, not a blank decode
+
+
 def test_about_half_of_the_images_are_flipped(train):
     flipped = same = 0
     for step in range(4):

@@ -101,6 +101,32 @@ def test_no_compilation_after_the_first_step(fashion_mnist_dirs, tmp_path):
     assert [r["step"] for r in metrics_writer.read_metrics(str(tmp_path))] == list(range(1, 7))
 
 
+def test_a_slow_input_shows_as_input_wait(fashion_mnist_dirs, tmp_path):
+    """input_wait_fraction: the share of each logged interval spent waiting for batches."""
+    config = tiny_config(fashion_mnist_dirs, training__num_train_steps=6,
+                         training__log_every=3, training__checkpoint_every=6)
+    default = training.default_iterator_factory(config)
+    enable_compilation_cache()
+
+    def slow_factory(source, start_step):
+        batches = default(source, start_step)
+
+        def slow():
+            with batches:
+                while True:
+                    time.sleep(0.25)
+                    yield next(batches)
+        return slow()
+
+    training.train(config, str(tmp_path / "slow"), iterator_factory=slow_factory)
+    slow = [r["input_wait_fraction"] for r in metrics_writer.read_metrics(str(tmp_path / "slow"))]
+    training.train(config, str(tmp_path / "fast"))
+    fast = [r["input_wait_fraction"] for r in metrics_writer.read_metrics(str(tmp_path / "fast"))]
+    assert len(slow) == len(fast) == 2 and all(0 <= f <= 1 for f in slow + fast)
+    assert min(slow) > 0.5, slow
+    assert max(fast) < min(slow), (fast, slow)
+
+
 def test_metrics_file_drops_rows_after_the_resumed_step(tmp_path):
     """A run killed after logging step 30 but checkpointed at 20 relogs 21..30 on resume."""
     path = tmp_path / metrics_writer.METRICS_FILE
