@@ -15,9 +15,9 @@ and TensorBoard (<workdir>/eval/tensorboard), apart from the training run's
 own metrics file, which a running training may still be writing.
 """
 
-from ddpm_jax import xla_flags
+from ddpm_jax import cpu_defaults
 
-xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once
+cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
 import json  # noqa: E402
 import os  # noqa: E402

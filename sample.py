@@ -15,9 +15,9 @@ and with any --chunk_size. Every process of a multi-host run runs the same
 command; process 0 writes the files.
 """
 
-from ddpm_jax import xla_flags
+from ddpm_jax import cpu_defaults
 
-xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once
+cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
 import logging  # noqa: E402
 import math  # noqa: E402

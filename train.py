@@ -11,9 +11,9 @@ themselves, elsewhere pass --coordinator_address, --num_processes and
 --process_id.
 """
 
-from ddpm_jax import xla_flags
+from ddpm_jax import cpu_defaults
 
-xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once
+cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
 import logging  # noqa: E402
 import sys  # noqa: E402

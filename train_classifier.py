@@ -8,9 +8,9 @@ accuracy and saves the network with Orbax. A classifier below
 --min_accuracy is not saved: its features would make a poor yardstick.
 """
 
-from ddpm_jax import xla_flags
+from ddpm_jax import cpu_defaults
 
-xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once
+cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
 import sys  # noqa: E402
 import time  # noqa: E402

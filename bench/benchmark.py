@@ -34,9 +34,10 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from ddpm_jax import xla_flags  # noqa: E402
+from ddpm_jax import cpu_defaults  # noqa: E402
 
-xla_flags.apply_cpu_defaults()  # as train.py and sample.py run (CPU only; before JAX starts)
+# As train.py and sample.py run, for JAX and PyTorch alike (before JAX starts).
+cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")
 # PyTorch shares the GPU with JAX: JAX must not take 75% of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -505,6 +506,7 @@ def run_benchmark(args) -> dict:
         jax_device=f"{device.platform}: {device.device_kind}", cpu=cpu_model(),
         cpu_count=os.cpu_count(), load_avg_start=os.getloadavg(), versions=versions(),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
+        glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
         torch=torch_side.settings() if torch_side else None,
         sample_steps=dict(ddpm=args.ddpm_steps, ddim=args.ddim_steps))
     print(json.dumps(meta, indent=1, default=str), flush=True)
@@ -599,7 +601,8 @@ def markdown_table(runs) -> str:
             + (f", at end {', '.join(f'{x:.1f}' for x in m['load_avg_end'])}"
                if 'load_avg_end' in m else ""),
             f"Versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax "
-            f"{v['flax']}, optax {v['optax']}, torch {v['torch']}; XLA_FLAGS='{m['xla_flags']}'",
+            f"{v['flax']}, optax {v['optax']}, torch {v['torch']}; XLA_FLAGS='{m['xla_flags']}'"
+            f"; GLIBC_TUNABLES='{m.get('glibc_tunables', '')}'",
             f"JAX step: {m.get('train_step', 'ddpm_jax.training.make_train_step')}. "
             f"Command: `{m['command']}`"
             + (" (--quick: few timed steps; sampling measured over fewer steps and scaled)"

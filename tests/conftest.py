@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from ddpm_jax import xla_flags
+from ddpm_jax import cpu_defaults
 
-xla_flags.apply_cpu_defaults()  # the tests run with XLA's flags as train.py and sample.py do
+cpu_defaults.apply_cpu_defaults()  # the tests run with XLA's flags as train.py and sample.py do
 
 REPO = Path(__file__).resolve().parents[1]
 
