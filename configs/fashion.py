@@ -21,13 +21,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data = ml_collections.ConfigDict(dict(
-        dataset="fashion_mnist",   # fashion_mnist | mnist | cifar10 | folder
+        dataset="fashion_mnist",   # any TFDS image dataset (cifar10, celeb_a, lsun/church_outdoor,
+                                   # imagenet_resized/64x64, ...) | folder; see docs/datasets.md
         folder="",                 # the image folder when dataset == "folder"
-        image_size=28,
-        channels=1,
+        image_size=28,             # other sizes are resized and center-cropped
+        channels=1,                # 1 (grayscale) | 3 (RGB); converted if the dataset differs
         random_flip=True,
-        tfds_data_dir="",          # "" -> $TFDS_DATA_DIR, else ~/tensorflow_datasets
+        tfds_data_dir="",          # "" -> $TFDS_DATA_DIR, else ~/tensorflow_datasets; gs:// works
         manual_dir="",             # official files; "" -> $DDPM_JAX_MANUAL_DIR
+        image_key="image",         # the TFDS image feature
+        train_split="train",       # TFDS split string, e.g. "train[:90%]" (held out: eval.split)
+        in_memory_max_bytes=1 << 30,  # splits larger than this, decoded, are streamed from disk
+        worker_count=2,            # Grain processes decoding a streamed split; 0 = a thread
     ))
 
     config.diffusion = ml_collections.ConfigDict(dict(

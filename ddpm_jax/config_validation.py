@@ -12,12 +12,9 @@ from typing import Any, Iterable, List, Optional, Sequence
 
 from ddpm_jax import evaluation, unet
 from ddpm_jax.diffusion import LOSS_TYPES
-from ddpm_jax.input_pipeline import DATASETS
 from ddpm_jax.sampling import SAMPLERS
 from ddpm_jax.schedules import BETA_SCHEDULES
 
-# (image_size, channels) of the TFDS datasets, which the input pipeline does not resize.
-TFDS_IMAGE_SHAPES = {"fashion_mnist": (28, 1), "mnist": (28, 1), "cifar10": (32, 3)}
 MODEL_DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("skip", "stop")
 
@@ -26,7 +23,8 @@ NAN_POLICIES = ("skip", "stop")
 FIELDS = {
         "": ("seed",),
         "data": ("dataset", "folder", "image_size", "channels", "random_flip",
-                 "tfds_data_dir", "manual_dir"),
+                 "tfds_data_dir", "manual_dir", "image_key", "train_split",
+                 "in_memory_max_bytes", "worker_count"),
         "diffusion": ("timesteps", "beta_schedule", "loss_type"),
         "model": ("dim", "init_dim", "dim_mults", "with_time_emb", "resnet_block_groups",
                   "use_convnext", "convnext_mult", "dropout", "dtype"),
@@ -143,12 +141,18 @@ def _check_keys(check: _Checker) -> None:
 
 
 def _check_data(check: _Checker) -> None:
-    check.choice("data.dataset", DATASETS)
+    """The fields' types and ranges; whether the TFDS dataset, its image feature and split
+    exist is checked when it is opened (`input_pipeline.open_source`), still before compiling."""
     for path in ("data.folder", "data.tfds_data_dir", "data.manual_dir"):
         check.string(path)
+    for path in ("data.dataset", "data.image_key", "data.train_split"):
+        if check.string(path) and not check.get(path):
+            check.error(path, "must not be empty")
+    check.integer("data.in_memory_max_bytes", minimum=0)
+    check.integer("data.worker_count", minimum=0)
     check.boolean("data.random_flip")
-    size_ok = check.integer("data.image_size", minimum=1)
-    channels_ok = _channels(check)
+    check.integer("data.image_size", minimum=1)
+    _channels(check)
     dataset = check.get("data.dataset")
     if dataset == "folder" and isinstance(check.get("data.folder"), str):
         folder = check.get("data.folder")
@@ -157,13 +161,6 @@ def _check_data(check: _Checker) -> None:
                                        "'folder'")
         elif not os.path.isdir(os.path.expanduser(folder)):
             check.error("data.folder", "is not a directory")
-    if dataset in TFDS_IMAGE_SHAPES and size_ok and channels_ok:
-        size, channels = TFDS_IMAGE_SHAPES[dataset]
-        if (check.get("data.image_size"), check.get("data.channels")) != (size, channels):
-            check.error("data.image_size",
-                        f"{dataset} images are {size}x{size}x{channels}: set "
-                        f"config.data.image_size={size} and config.data.channels={channels} "
-                        f"(got channels={check.get('data.channels')!r})")
 
 
 def _channels(check: _Checker) -> bool:

@@ -1,13 +1,17 @@
-"""Where the training images come from: TFDS datasets prepared offline, or a folder.
+"""Where the training images come from: any TFDS image dataset, or a folder.
 
 TFDS datasets are prepared once per data directory in ArrayRecord format, so
 that reading them later needs neither TensorFlow nor tf.data (preparing does
-need TensorFlow). TFDS's own builders take the official files from a manual
-directory, verify their checksums and never download them; with no files and
-no network this module fails at once with an error naming the files, instead
-of TFDS retrying its downloads for minutes.
+need TensorFlow); the data directory may be a bucket (gs://...), which TFDS
+reads through etils epath. A dataset TFDS does not register (the user's own
+builder) is opened read-only by name from the data directory it was prepared
+into. TFDS's own builders take the official files from a manual directory,
+verify their checksums and never download them; with no files and no network
+this module fails at once with an error naming the files, instead of TFDS
+retrying its downloads for minutes.
 
-A folder of the user's own images is read into memory, each image resized and
+Every image, from a TFDS record or from a folder of the user's own images,
+goes through `to_image_array`: converted to grayscale or RGB, resized and
 center-cropped as the design document's torchvision transforms do.
 
 tensorflow_datasets is imported only where a dataset is prepared or opened, so
@@ -17,8 +21,12 @@ TFDS installed) does not need it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import fcntl
+import functools
 import hashlib
+import io
 import logging
 import os
 import socket
@@ -29,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# The TFDS datasets that the configs and tests use, each prepared from its official files.
 TFDS_DATASETS = ("fashion_mnist", "mnist", "cifar10")
 MANUAL_DIR_ENV = "DDPM_JAX_MANUAL_DIR"
 # torchvision ImageFolder's list: the formats PIL reads that hold photos.
@@ -42,11 +51,17 @@ class MissingDataError(FileNotFoundError):
     """The dataset is not prepared and its official files are neither on disk nor downloadable."""
 
 
+class DatasetError(ValueError):
+    """config.data names a dataset, image feature or split that does not exist; the message
+    names the field and lists what exists."""
+
+
 def official_files(name: str) -> dict[str, str]:
-    """File name -> download URL of each official file the TFDS builder `name` needs."""
-    _check_tfds_name(name)
+    """File name -> download URL of each official file (with a registered checksum) the TFDS
+    builder `name` needs; empty for builders that register none."""
     import tensorflow_datasets as tfds
-    return {info.filename: url for url, info in tfds.builder_cls(name).url_infos.items()}
+    url_infos = tfds.builder_cls(name.split("/")[0]).url_infos or {}
+    return {info.filename: url for url, info in url_infos.items()}
 
 
 def resolve_manual_dir(name: str, manual_dir: str | os.PathLike | None = None) -> Path | None:
@@ -75,21 +90,40 @@ def prepare_tfds(name: str, *, data_dir: str | os.PathLike | None = None,
     Preparing happens once per data directory; processes on one machine wait
     for each other through a lock file instead of preparing twice.
     """
-    import tensorflow_datasets as tfds
-    _check_tfds_name(name)
-    data_dir = None if data_dir is None else str(Path(data_dir).expanduser())
-    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    # os.path.expanduser leaves a URL (gs://bucket/dir) as it is; pathlib would drop a slash.
+    data_dir = None if data_dir is None else os.path.expanduser(os.fspath(data_dir))
+    builder = _builder(name, data_dir)
     if builder.is_prepared():
         return builder
+    # The lock file is local (tempdir) whatever the data directory: processes of one machine
+    # prepare once; the hosts of a pod slice must find a shared bucket already prepared.
     with _machine_lock(f"{builder.data_dir}"):
         if not builder.is_prepared():
-            _prepare(builder, resolve_manual_dir(name, manual_dir), allow_download)
-    return tfds.builder(name, data_dir=data_dir, file_format="array_record")
+            _prepare(builder, name, resolve_manual_dir(builder.name, manual_dir), allow_download)
+    return _builder(name, data_dir)
 
 
-def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: Path | None, allow_download: bool) -> None:
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """TFDS's builder of `name` ('dataset[/config][:version]'), or its read-only builder if
+    `name` is not registered but prepared in data_dir; DatasetError if neither."""
     import tensorflow_datasets as tfds
-    name = builder.name
+    try:
+        return tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    except tfds.core.registered.DatasetNotFoundError:
+        known = tfds.list_builders(with_community_datasets=False)
+        close = difflib.get_close_matches(name.split("/")[0].split(":")[0], known, n=5)
+        raise DatasetError(
+            f"config.data.dataset={name!r}: TFDS has no dataset of that name and none is "
+            f"prepared under it in the data directory {data_dir or '$TFDS_DATA_DIR'} "
+            f"(config.data.tfds_data_dir). Close matches: {close or 'none'}; TFDS's "
+            f"{len(known)} datasets: tfds.list_builders(); or 'folder'.") from None
+    except ValueError as e:  # a config or version that the dataset does not have
+        raise DatasetError(f"config.data.dataset={name!r}: {e}") from None
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, name: str, manual_dir: Path | None,
+             allow_download: bool) -> None:
+    import tensorflow_datasets as tfds
     files = official_files(name)
     missing = [f for f in files if manual_dir is None or not (manual_dir / f).is_file()]
     if missing and not (allow_download and all(_reachable(files[f]) for f in missing)):
@@ -97,6 +131,12 @@ def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: Path | None, allow_d
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except AssertionError as e:  # TFDS asserts that a manual-only dataset's directory exists
+        instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or ""
+        raise MissingDataError(
+            f"Dataset {name!r} is built from files downloaded by hand: set "
+            f"config.data.manual_dir (or ${MANUAL_DIR_ENV}) to the directory holding them. "
+            f"{instructions.strip()}\n({e})") from None
     except tfds.download.download_manager.NonMatchingChecksumError as e:
         raise MissingDataError(
             f"A file given for dataset {name!r} in {manual_dir} is not its official file "
@@ -141,12 +181,6 @@ def _machine_lock(key: str):
         yield
 
 
-def _check_tfds_name(name: str) -> None:
-    if name not in TFDS_DATASETS:
-        raise ValueError(f"dataset {name!r} is not a TFDS dataset of this project; "
-                         f"choose one of {TFDS_DATASETS}")
-
-
 def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
     """torchvision's Resize(size) then CenterCrop(size) on a PIL image.
 
@@ -161,6 +195,13 @@ def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
     image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
     left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
     return image.crop((left, top, left + size, top + size))
+
+
+def to_image_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
+    """A decoded image as uint8 [size, size, channels]: converted to 'L' (channels=1) or 'RGB'
+    (3), then resized and center-cropped (an image of that size already is left as it is)."""
+    image = resize_and_center_crop(image.convert(_PIL_MODES[channels]), size)
+    return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
 
 
 def load_folder(folder: str | os.PathLike, image_size: int, channels: int
@@ -185,12 +226,9 @@ def load_folder(folder: str | os.PathLike, image_size: int, channels: int
     for path in paths:
         try:
             with Image.open(path) as image:
-                image = image.convert(_PIL_MODES[channels])
+                images.append(to_image_array(image, image_size, channels))
         except Exception:  # decoders raise OSError, SyntaxError, zlib.error, ...: all mean unreadable
             skipped.append(path)
-            continue
-        array = np.asarray(resize_and_center_crop(image, image_size), dtype=np.uint8)
-        images.append(array.reshape(image_size, image_size, channels))
     if skipped:
         log.warning("Skipped %d unreadable image file(s) of %d in %s, e.g. %s",
                     len(skipped), len(paths), root, skipped[0])
@@ -199,3 +237,83 @@ def load_folder(folder: str | os.PathLike, image_size: int, channels: int
             f"no readable image in {root} (config.data.folder): {len(paths)} file(s) with "
             f"extensions {IMAGE_EXTENSIONS}, {len(skipped)} of them unreadable")
     return np.stack(images), skipped
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+    """A prepared TFDS split read by random access: each read decodes its records' images
+    with PIL and passes them through `to_image_array`.
+
+    It holds only names and numbers, so it pickles into Grain's worker processes,
+    which open the ArrayRecord files themselves (`_records`, once per process).
+    Made by `tfds_source`, which checks the image feature and the split.
+    """
+    dataset_dir: str  # the builder's versioned directory, local or gs://
+    split: str  # a TFDS split string, e.g. 'train' or 'train[:90%]'
+    image_key: str
+    label_key: str | None  # the ClassLabel feature 'label' where the dataset has one
+    image_size: int
+    channels: int
+    num_examples: int
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    @property
+    def decoded_bytes(self) -> int:
+        return self.num_examples * self.image_size ** 2 * self.channels
+
+    def read(self, indices) -> np.ndarray:
+        return self._images(self._read_records(indices))
+
+    def read_labeled(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        if self.label_key is None:
+            raise ValueError(f"split {self.split!r} of {self.dataset_dir} has no 'label' "
+                             f"ClassLabel feature")
+        records = self._read_records(indices)
+        return self._images(records), np.asarray([r[self.label_key] for r in records], np.int32)
+
+    def _read_records(self, indices) -> list:
+        return _records(self.dataset_dir, self.split, self.image_key).__getitems__(
+            [int(i) for i in indices])
+
+    def _images(self, records) -> np.ndarray:
+        images = np.empty((len(records), self.image_size, self.image_size, self.channels),
+                          np.uint8)
+        for i, record in enumerate(records):
+            with Image.open(io.BytesIO(record[self.image_key])) as image:
+                images[i] = to_image_array(image, self.image_size, self.channels)
+        return images
+
+
+@functools.lru_cache(maxsize=8)
+def _records(dataset_dir: str, split: str, image_key: str):
+    """The split's ArrayRecord data source, images left encoded; opened once per process."""
+    import tensorflow_datasets as tfds
+    return tfds.builder_from_directory(dataset_dir).as_data_source(
+        split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+
+
+def tfds_source(builder: tfds.core.DatasetBuilder, split: str, *, image_key: str,
+                image_size: int, channels: int, split_field: str = "split") -> TfdsSource:
+    """`split` of a prepared builder as a TfdsSource; DatasetError (naming config.data.image_key
+    or `split_field`, and listing what exists) if the feature or split does not exist."""
+    import tensorflow_datasets as tfds
+    features = builder.info.features
+    if not (image_key in features and isinstance(features[image_key], tfds.features.Image)):
+        listing = ", ".join(f"{k} ({type(v).__name__})" for k, v in features.items())
+        images = [k for k, v in features.items() if isinstance(v, tfds.features.Image)]
+        raise DatasetError(
+            f"config.data.image_key={image_key!r}: dataset {builder.name!r} has no image "
+            f"feature of that name; its image features: {images or 'none'} (all features: "
+            f"{listing})")
+    try:
+        num_examples = builder.info.splits[split].num_examples
+    except (KeyError, ValueError) as e:
+        raise DatasetError(
+            f"{split_field}={split!r} is not a split of {builder.name!r}; choose one of "
+            f"{sorted(builder.info.splits)}, or a TFDS slice of one such as 'train[:90%]' "
+            f"({e})") from None
+    labeled = "label" in features and isinstance(features["label"], tfds.features.ClassLabel)
+    return TfdsSource(str(builder.data_dir), split, image_key, "label" if labeled else None,
+                      image_size, channels, num_examples)

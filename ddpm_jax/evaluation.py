@@ -198,13 +198,10 @@ class InceptionScorer:
 
 # --- During training and by command ---------------------------------------------------------
 
-def load_split_images(config, split: str, num_images: Optional[int]) -> np.ndarray:
+def load_split_images(config, split: str, num_images: Optional[int],
+                      split_field: str = "config.eval.split") -> np.ndarray:
     """The first `num_images` (None: all) images of `split` of the config's dataset, [-1, 1]."""
-    data = config.data
-    source = input_pipeline.open_source(
-        data.dataset, split, image_size=data.image_size, channels=data.channels,
-        data_dir=data.tfds_data_dir or None, manual_dir=data.manual_dir or None,
-        folder=data.folder or None)
+    source = input_pipeline.open_config_source(config.data, split, split_field)
     if num_images is not None and num_images > len(source):
         raise ValueError(f"{num_images} images were asked of split {split!r}, which has "
                          f"{len(source)}")
@@ -246,7 +243,8 @@ class Evaluator:
                 self.scorers.append(ClassifierScorer(e.classifier_dir, reference))
             if e.inception_weights:
                 train_images = (None if e.inception_reference_stats else load_split_images(
-                    config, "train", e.fid_reference_images or None))
+                    config, config.data.train_split, e.fid_reference_images or None,
+                    "config.data.train_split"))
                 self.scorers.append(InceptionScorer(
                     e.inception_weights, reference_stats_path=e.inception_reference_stats,
                     reference_images=train_images, mesh=mesh))

@@ -2,9 +2,11 @@
 
 A *source* is anything with `__len__` and `read(indices) -> uint8 [n, H, W, C]`
 (and `read_labeled(indices) -> (images, int32 labels [n])` for `load_labeled`):
-here always images held in memory, decoded once from a TFDS split or read
-from a folder of the user's images, so that a batch is an array gather and
-input never holds back the accelerator.
+images held in memory, decoded once from a TFDS split or read from a folder
+of the user's images, so that a batch is an array gather and input never
+holds back the accelerator; or, for a TFDS split too large for that
+(config.data.in_memory_max_bytes), its ArrayRecord files read by random
+access, batches decoded ahead by Grain's worker processes (`streaming`).
 
 The training batch at a step is a pure function of (seed, step): epoch
 `step // steps_per_epoch` is a permutation drawn from (seed, epoch), the
@@ -15,7 +17,6 @@ uninterrupted run, whatever the number of processes, and the iterator's
 whole state is the next step number.
 """
 
-import io
 import os
 import queue
 import threading
@@ -24,11 +25,9 @@ from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
-from PIL import Image
 
 from ddpm_jax import datasets
 
-DATASETS = datasets.TFDS_DATASETS + ("folder",)
 # Stream tags keep the permutation and flip generators apart although both are seeded by ints.
 _PERMUTATION_STREAM, _FLIP_STREAM = 0, 1
 
@@ -66,44 +65,48 @@ class ArraySource:
         return self.images[indices], self.labels[indices].astype(np.int32)
 
 
+# Splits whose decoded images fit in this many bytes are decoded into memory at start.
+IN_MEMORY_MAX_BYTES = 1 << 30
+
+
 @lru_cache(maxsize=4)
-def _decode_tfds_split(dataset_dir: str, split: str) -> ArraySource:
-    """A prepared TFDS split's images and labels (in `dataset_dir`, the builder's versioned
-    directory), decoded into memory once per process and shared read-only.
+def _decode_tfds_split(source: datasets.TfdsSource) -> ArraySource:
+    """A TFDS split's images and labels decoded into memory once per process, shared read-only.
 
     Read by random access instead, each batch would decode its PNGs one
     record at a time in Python: 4,300 images/s on a 2-core CPU, less than one
-    H100 trains (6,200). The datasets offered hold at most 180 MB decoded;
-    decoding a split once (PNG, lossless, with PIL: ~4 s for Fashion-MNIST's
-    60,000) makes every batch an array gather, and the evaluator or a second
-    run in the same process reuses it.
+    H100 trains (6,200). Decoding a split once (PNG, lossless, with PIL: ~4 s
+    for Fashion-MNIST's 60,000) makes every batch an array gather, and the
+    evaluator or a second run in the same process reuses it.
     """
-    import tensorflow_datasets as tfds  # only where TFDS data is used
-
-    builder = tfds.builder_from_directory(dataset_dir)
-    source = builder.as_data_source(split=split,
-                                    decoders={"image": tfds.decode.SkipDecoding()})
-    shape = tuple(builder.info.features["image"].shape)
-    records = source.__getitems__(list(range(len(source))))
-    images = np.empty((len(records), *shape), np.uint8)
-    for i, record in enumerate(records):
-        with Image.open(io.BytesIO(record["image"])) as image:
-            images[i] = np.asarray(image).reshape(shape)
-    labels = np.asarray([r["label"] for r in records], np.int32)
-    images.flags.writeable = labels.flags.writeable = False  # shared by the cache
+    everything = np.arange(len(source))
+    if source.label_key is None:
+        images, labels = source.read(everything), None
+    else:
+        images, labels = source.read_labeled(everything)
+        labels.flags.writeable = False
+    images.flags.writeable = False  # shared by the cache
     return ArraySource(images, labels)
 
 
 def open_source(dataset: str, split: str = "train", *, image_size: int, channels: int,
                 data_dir: str | os.PathLike | None = None,
                 manual_dir: str | os.PathLike | None = None,
-                folder: str | os.PathLike | None = None, allow_download: bool = True) -> Source:
-    """The `split` of `dataset` (one of DATASETS) as a source of image_size^2 x channels images.
+                folder: str | os.PathLike | None = None, allow_download: bool = True,
+                image_key: str = "image", in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES,
+                split_field: str = "split") -> Source:
+    """The `split` of `dataset` as a source of image_size^2 x channels images.
 
-    TFDS datasets are prepared on first use (see `datasets.prepare_tfds` for
-    data_dir, manual_dir and allow_download) and must already have the
-    requested shape. 'folder' reads every image under `folder`, resized and
-    center-cropped; it has only a 'train' split and no labels.
+    dataset: any TFDS name ('cifar10', 'lsun/church_outdoor', 'imagenet_resized/64x64', a
+      builder prepared in data_dir), or 'folder' for every image under `folder` (one
+      'train' split, no labels). TFDS datasets are prepared on first use (see
+      `datasets.prepare_tfds` for data_dir, manual_dir and allow_download); `image_key` names
+      their image feature, `split` is a TFDS split string ('train[:90%]'). Images of another
+      size or mode are converted, resized and center-cropped like a folder's.
+    A TFDS split whose decoded images take at most `in_memory_max_bytes` is decoded into
+    memory once (an ArraySource); a larger one is a `datasets.TfdsSource`, read from disk
+    by random access (streamed by `streaming.StreamIterator`). Errors name the config field
+    (`split_field` for the split) and list what exists.
     """
     if dataset == "folder":
         if split != "train":
@@ -112,19 +115,22 @@ def open_source(dataset: str, split: str = "train", *, image_size: int, channels
             raise ValueError("dataset 'folder' needs the image directory (config.data.folder)")
         images, _ = datasets.load_folder(folder, image_size, channels)
         return ArraySource(images)
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset={dataset!r} is unknown; choose one of {DATASETS}")
     builder = datasets.prepare_tfds(dataset, data_dir=data_dir, manual_dir=manual_dir,
                                     allow_download=allow_download)
-    if split not in builder.info.splits:
-        raise ValueError(f"split={split!r} is not a split of {dataset!r}; "
-                         f"choose one of {sorted(builder.info.splits)}")
-    shape = tuple(builder.info.features["image"].shape)
-    if shape != (image_size, image_size, channels):
-        raise ValueError(f"dataset {dataset!r} has {shape[0]}x{shape[1]}x{shape[2]} images but "
-                         f"image_size={image_size}, channels={channels} were asked; set image_size="
-                         f"{shape[0]} and channels={shape[2]}")
-    return _decode_tfds_split(str(builder.data_dir), split)
+    source = datasets.tfds_source(builder, split, image_key=image_key, image_size=image_size,
+                                  channels=channels, split_field=split_field)
+    return _decode_tfds_split(source) if source.decoded_bytes <= in_memory_max_bytes else source
+
+
+def open_config_source(data, split: str, split_field: str) -> Source:
+    """`open_source` of `split` of the dataset that config.data (`data`) describes (the
+    config of a checkpoint written before image_key and in_memory_max_bytes existed too)."""
+    return open_source(
+        data.dataset, split, image_size=data.image_size, channels=data.channels,
+        data_dir=data.tfds_data_dir or None, manual_dir=data.manual_dir or None,
+        folder=data.folder or None, image_key=data.get("image_key", "image"),
+        in_memory_max_bytes=data.get("in_memory_max_bytes", IN_MEMORY_MAX_BYTES),
+        split_field=split_field)
 
 
 def to_float(images: np.ndarray) -> np.ndarray:
@@ -176,15 +182,23 @@ def local_slice(global_batch_size: int, process_index: int, process_count: int) 
     return slice(process_index * local, (process_index + 1) * local)
 
 
-def train_batch(source: Source, global_batch_size: int, seed: int, step: int, *,
-                random_flip: bool, process_index: int = 0, process_count: int = 1) -> np.ndarray:
-    """This process's part of the training batch at `step`: float32 [GB / P, H, W, C] in [-1, 1]."""
+def train_images(source: Source, global_batch_size: int, seed: int, step: int, *,
+                 random_flip: bool, process_index: int = 0, process_count: int = 1
+                 ) -> np.ndarray:
+    """This process's part of the training batch at `step` as read and flipped: uint8."""
     part = local_slice(global_batch_size, process_index, process_count)
     images = source.read(global_batch_indices(len(source), global_batch_size, seed, step)[part])
     if random_flip:
         flip = flip_mask(global_batch_size, seed, step)[part]
         images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-    return to_float(images)
+    return images
+
+
+def train_batch(source: Source, global_batch_size: int, seed: int, step: int, *,
+                random_flip: bool, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+    """This process's part of the training batch at `step`: float32 [GB / P, H, W, C] in [-1, 1]."""
+    return to_float(train_images(source, global_batch_size, seed, step, random_flip=random_flip,
+                                 process_index=process_index, process_count=process_count))
 
 
 def _check_seed_step(seed: int, step: int) -> None:

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ddpm_jax import (checkpointing, config_validation, diffusion, evaluation, images,
-                      input_pipeline, parallel, sampling)
+from ddpm_jax import (checkpointing, config_validation, datasets, diffusion, evaluation, images,
+                      input_pipeline, parallel, sampling, streaming)
 from ddpm_jax.metrics_writer import ConsoleReporter, MetricsWriter
 from ddpm_jax.schedules import DiffusionSchedule, make_schedule
 from ddpm_jax.train_state import (TrainState, create_model, create_train_state,
@@ -148,19 +148,25 @@ def configure_compilation_cache(config) -> None:
 
 
 def open_train_source(config) -> input_pipeline.Source:
-    data = config.data
-    return input_pipeline.open_source(
-        data.dataset, "train", image_size=data.image_size, channels=data.channels,
-        data_dir=data.tfds_data_dir or None, manual_dir=data.manual_dir or None,
-        folder=data.folder or None)
+    """config.data.train_split of the config's dataset; a dataset, image feature or split that
+    does not exist is a ConfigError naming the field."""
+    try:
+        return input_pipeline.open_config_source(config.data, config.data.train_split,
+                                                 "config.data.train_split")
+    except datasets.DatasetError as e:
+        raise config_validation.ConfigError(str(e)) from None
 
 
 def default_iterator_factory(config) -> IteratorFactory:
+    """In-memory sources: `TrainIterator`; a split streamed from disk: `StreamIterator`."""
     def make(source, start_step):
-        return input_pipeline.TrainIterator(
-            source, config.training.batch_size, config.seed,
-            random_flip=config.data.random_flip, start_step=start_step,
-            process_index=jax.process_index(), process_count=jax.process_count())
+        kwargs = dict(random_flip=config.data.random_flip, start_step=start_step,
+                      process_index=jax.process_index(), process_count=jax.process_count())
+        if isinstance(source, datasets.TfdsSource):
+            return streaming.StreamIterator(source, config.training.batch_size, config.seed,
+                                            worker_count=config.data.worker_count, **kwargs)
+        return input_pipeline.TrainIterator(source, config.training.batch_size, config.seed,
+                                            **kwargs)
     return make
 
 

@@ -184,17 +184,44 @@ def test_eval_batches_are_in_order_and_complete(test_split):
 
 
 def test_bad_arguments_name_the_field(fashion_mnist_dirs, train):
-    with pytest.raises(ValueError, match=r"image_size=28 and channels=1"):
-        ip.open_source("fashion_mnist", image_size=32, channels=1,
+    with pytest.raises(datasets.DatasetError,
+                       match=r"config.data.dataset='fashion_mnis': TFDS has no dataset of that "
+                             r"name.*Close matches: \['fashion_mnist'"):
+        ip.open_source("fashion_mnis", image_size=28, channels=1,
+                       data_dir=fashion_mnist_dirs.data_dir)
+    with pytest.raises(datasets.DatasetError, match=r"config.data.dataset='lsun/church_outdor'.*"
+                                                    r"church_outdoor"):
+        ip.open_source("lsun/church_outdor", image_size=28, channels=1)
+    with pytest.raises(datasets.DatasetError, match=r"image_key='pixels'.*image features: "
+                                                    r"\['image'\]"):
+        ip.open_source("fashion_mnist", image_size=28, channels=1, image_key="pixels",
                        data_dir=fashion_mnist_dirs.data_dir, allow_download=False)
-    with pytest.raises(ValueError, match=r"choose one of \('fashion_mnist', 'mnist', 'cifar10', "
-                                         r"'folder'\)"):
-        ip.open_source("imagenet", image_size=28, channels=1)
     with pytest.raises(ValueError, match=r"split='validation'.*\['test', 'train'\]"):
         ip.open_source("fashion_mnist", "validation", image_size=28, channels=1,
                        data_dir=fashion_mnist_dirs.data_dir, allow_download=False)
     with pytest.raises(ValueError, match="global_batch_size=60001 exceeds"):
         ip.train_batch(train, 60001, seed=0, step=0, random_flip=False)
+
+
+def test_training_reports_a_missing_dataset_as_a_config_error(fashion_mnist_dirs):
+    from ddpm_jax import config_validation, training
+    from tests.train_helpers import tiny_config
+    config = tiny_config(fashion_mnist_dirs, data__train_split="train[:110%]")
+    with pytest.raises(config_validation.ConfigError,
+                       match=r"config.data.train_split='train\[:110%\]' is not a split"):
+        training.open_train_source(config)
+
+
+def test_other_sizes_and_channels_are_converted_like_a_folder(fashion_mnist_dirs, test_split):
+    """Fashion-MNIST at 32x32 RGB: each 28x28 image upsampled and repeated over 3 channels."""
+    source = ip.open_source("fashion_mnist", "test[:300]", image_size=32, channels=3,
+                            data_dir=fashion_mnist_dirs.data_dir, allow_download=False)
+    assert len(source) == 300
+    got = source.read(np.arange(3))
+    for image, native in zip(got, test_split.read(np.arange(3))):
+        want = datasets.to_image_array(Image.fromarray(native[:, :, 0]), 32, 3)
+        np.testing.assert_array_equal(image, want)
+    assert got.shape == (3, 32, 32, 3) and (got[..., 0] == got[..., 2]).all()
 
 
 def write_png(path, array):

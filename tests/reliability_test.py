@@ -1,7 +1,6 @@
 """Issue 8: preemption with exact resume, a torn newest checkpoint, non-finite steps."""
 import os
 import signal
-import threading
 
 import jax
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 from ddpm_jax import checkpointing, metrics_writer, parallel, training, train_state
 from ddpm_jax.schedules import make_schedule
 from tests.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
-                                 subprocess_env, tiny_config, train_py)
+                                 sigterm_at, subprocess_env, tiny_config, train_py)
 
 STEPS = 12
 
@@ -38,18 +37,7 @@ def test_sigterm_mid_run_then_resume_is_bitwise_the_uninterrupted_run(reference,
     config, reference_dir, reference_state = reference
     env = subprocess_env()
     process = train_py(config, tmp_path, env)
-    lines = []
-    timer = threading.Timer(300, process.kill)  # a hung run fails the test instead of CI
-    timer.start()
-    try:
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("step 5/"):
-                process.send_signal(signal.SIGTERM)
-        process.wait()
-    finally:
-        timer.cancel()
-    output = "".join(lines)
+    output = sigterm_at(process, "step 5/")
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "Received SIGTERM: finishing the current step, then saving a checkpoint" in output
     stopped = int(output.split("Stopped at step ")[1].split(":")[0])

@@ -1,7 +1,9 @@
 """Shared by the training tests: the tiny config on the real Fashion-MNIST, train.py runs."""
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -66,6 +68,24 @@ def train_py(config, workdir: Path, env: Dict[str, str], extra: Sequence[str] = 
             f"--workdir={workdir}", *cli_overrides(config), *extra]
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen_kwargs)
+
+
+def sigterm_at(process, line_start: str, timeout: float = 300) -> str:
+    """Send SIGTERM to a `train_py` process when it prints a line starting with `line_start`;
+    its whole output once it has exited (killed after `timeout` s: a hung run fails the test
+    instead of CI)."""
+    lines = []
+    timer = threading.Timer(timeout, process.kill)
+    timer.start()
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith(line_start):
+                process.send_signal(signal.SIGTERM)
+        process.wait()
+    finally:
+        timer.cancel()
+    return "".join(lines)
 
 
 def run_train_py(config, workdir: Path, env: Dict[str, str], extra: Sequence[str] = (),
