@@ -224,6 +224,27 @@ def test_other_sizes_and_channels_are_converted_like_a_folder(fashion_mnist_dirs
     assert got.shape == (3, 32, 32, 3) and (got[..., 0] == got[..., 2]).all()
 
 
+def test_a_bucket_data_dir_reaches_tfds_unchanged(monkeypatch):
+    """gs://bucket/tfds is handed to TFDS (which reads it through etils epath) as it is, not
+    mangled by pathlib to gs:/bucket/tfds, and preparing it takes a local lock."""
+    seen, prepared = [], []
+
+    class Builder:
+        name, data_dir = "cifar10", "gs://bucket/tfds/cifar10/3.0.2"
+
+        def is_prepared(self):
+            return bool(prepared)
+
+    def builder(name, data_dir):
+        seen.append(data_dir)
+        return Builder()
+
+    monkeypatch.setattr(datasets, "_builder", builder)
+    monkeypatch.setattr(datasets, "_prepare", lambda b, name, *_: prepared.append(name))
+    datasets.prepare_tfds("cifar10", data_dir="gs://bucket/tfds", allow_download=False)
+    assert seen == ["gs://bucket/tfds"] * 2 and prepared == ["cifar10"]
+
+
 def write_png(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
