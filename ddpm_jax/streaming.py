@@ -13,6 +13,7 @@ own iterator state (the position in the range) is never saved, as it is
 just `next_step - start_step`.
 """
 import functools
+import signal
 import sys
 
 import grain
@@ -27,6 +28,15 @@ def _allow_unparsed_absl_flags() -> None:
     from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+    """Run in each worker: Ctrl-C reaches the whole process group, and a worker that died of
+    it would fail the batch the loop waits for before the loop saves its checkpoint; the
+    training process stops the workers itself (`close`)."""
+    del worker_index, worker_count
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class StreamIterator:
@@ -56,7 +66,8 @@ class StreamIterator:
             _allow_unparsed_absl_flags()
             dataset = steps.to_iter_dataset(grain.ReadOptions(num_threads=1)).mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=worker_count,
-                                             per_worker_buffer_size=prefetch))
+                                             per_worker_buffer_size=prefetch),
+                worker_init_fn=_ignore_stop_signals)
         else:
             dataset = steps.to_iter_dataset(
                 grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))

@@ -71,7 +71,8 @@ def train_py(config, workdir: Path, env: Dict[str, str], extra: Sequence[str] = 
 
 
 def sigterm_at(process, line_start: str, timeout: float = 300) -> str:
-    """Send SIGTERM to a `train_py` process when it prints a line starting with `line_start`;
+    """Send SIGTERM to a `train_py` process when it prints a line starting with `line_start`
+    (to its whole process group, as Ctrl-C does, if it leads one: start_new_session=True);
     its whole output once it has exited (killed after `timeout` s: a hung run fails the test
     instead of CI)."""
     lines = []
@@ -81,7 +82,10 @@ def sigterm_at(process, line_start: str, timeout: float = 300) -> str:
         for line in process.stdout:
             lines.append(line)
             if line.startswith(line_start):
-                process.send_signal(signal.SIGTERM)
+                if os.getpgid(process.pid) == process.pid:
+                    os.killpg(process.pid, signal.SIGTERM)
+                else:
+                    process.send_signal(signal.SIGTERM)
         process.wait()
     finally:
         timer.cancel()
