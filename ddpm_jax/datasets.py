@@ -60,7 +60,7 @@ def official_files(name: str) -> dict[str, str]:
     """File name -> download URL of each official file (with a registered checksum) the TFDS
     builder `name` needs; empty for builders that register none."""
     import tensorflow_datasets as tfds
-    url_infos = tfds.builder_cls(name.split("/")[0]).url_infos or {}
+    url_infos = tfds.builder_cls(name.split("/")[0].split(":")[0]).url_infos or {}
     return {info.filename: url for url, info in url_infos.items()}
 
 
