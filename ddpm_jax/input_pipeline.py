@@ -183,15 +183,17 @@ def local_slice(global_batch_size: int, process_index: int, process_count: int) 
 
 
 def train_images(source: Source, global_batch_size: int, seed: int, step: int, *,
-                 random_flip: bool, process_index: int = 0, process_count: int = 1
-                 ) -> np.ndarray:
-    """This process's part of the training batch at `step` as read and flipped: uint8."""
+                 random_flip: bool, process_index: int = 0, process_count: int = 1,
+                 with_labels: bool = False):
+    """This process's part of the training batch at `step` as read and flipped: uint8, and
+    with `with_labels` also its int32 labels, as (images, labels)."""
     part = local_slice(global_batch_size, process_index, process_count)
-    images = source.read(global_batch_indices(len(source), global_batch_size, seed, step)[part])
+    indices = global_batch_indices(len(source), global_batch_size, seed, step)[part]
+    images, labels = source.read_labeled(indices) if with_labels else (source.read(indices), None)
     if random_flip:
         flip = flip_mask(global_batch_size, seed, step)[part]
         images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-    return images
+    return (images, labels) if with_labels else images
 
 
 def train_batch(source: Source, global_batch_size: int, seed: int, step: int, *,

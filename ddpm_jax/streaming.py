@@ -45,12 +45,14 @@ class StreamIterator:
 
     Same interface and batches as `input_pipeline.TrainIterator`: `next_step` is
     the step of the batch the next `next()` returns; `close()` (or `with`) stops
-    the workers.
+    the workers. With `with_labels`, each batch is (images, int32 labels) (the
+    source's `read_labeled`).
     """
 
     def __init__(self, source: input_pipeline.Source, global_batch_size: int, seed: int, *,
                  random_flip: bool, start_step: int = 0, process_index: int = 0,
-                 process_count: int = 1, worker_count: int = 0, prefetch: int = 2):
+                 process_count: int = 1, worker_count: int = 0, prefetch: int = 2,
+                 with_labels: bool = False):
         if worker_count < 0:
             raise ValueError(f"worker_count={worker_count} must be non-negative")
         if prefetch < 1:
@@ -60,7 +62,7 @@ class StreamIterator:
         input_pipeline.local_slice(global_batch_size, process_index, process_count)
         read = functools.partial(input_pipeline.train_images, source, global_batch_size, seed,
                                  random_flip=random_flip, process_index=process_index,
-                                 process_count=process_count)
+                                 process_count=process_count, with_labels=with_labels)
         steps = grain.MapDataset.range(start_step, sys.maxsize).map(read)
         if worker_count:
             _allow_unparsed_absl_flags()
@@ -72,15 +74,18 @@ class StreamIterator:
             dataset = steps.to_iter_dataset(
                 grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
         self._iterator = iter(dataset)
+        self._with_labels = with_labels
         self.next_step = start_step
 
     def __iter__(self) -> "StreamIterator":
         return self
 
-    def __next__(self) -> np.ndarray:
-        images = next(self._iterator)  # uint8 through the workers' shared memory: 4x less
+    def __next__(self):
+        batch = next(self._iterator)  # uint8 through the workers' shared memory: 4x less
         self.next_step += 1
-        return input_pipeline.to_float(images)
+        if self._with_labels:
+            return input_pipeline.to_float(batch[0]), batch[1]
+        return input_pipeline.to_float(batch)
 
     def close(self) -> None:
         self._iterator.close()
