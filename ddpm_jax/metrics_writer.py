@@ -27,8 +27,8 @@ from ddpm_jax import storage
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
 SAMPLES_SUBDIR = "samples"
-# A remote event file is uploaded whole on each flush: at most this often while
-# training (and on close), so that a run does not upload a growing file at every log step.
+# A remote event file is uploaded whole on each flush: only this often (by tensorboardX's
+# thread) and on close, so that a run does not upload a growing file at every log step.
 REMOTE_FLUSH_SECS = 60
 
 
@@ -92,7 +92,6 @@ class MetricsWriter:
         self._lines = _rows_until(self.jsonl_path, resume_step)
         self._written = None  # the number of lines in the file, None: not written yet
         self._remote = not storage.is_local(workdir)
-        self._last_events_flush = time.monotonic()
         self._events = _summary_writer(str(epath.Path(workdir) / TENSORBOARD_SUBDIR))
 
     def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
@@ -109,16 +108,15 @@ class MetricsWriter:
             self._events.add_image(tag, image, int(step), dataformats="HWC")
 
     def flush(self) -> None:
-        """metrics.jsonl now; the event file too, but a remote one at most every
-        REMOTE_FLUSH_SECS (it is uploaded whole)."""
+        """metrics.jsonl now; the event file too if it is local (a remote one is uploaded
+        every REMOTE_FLUSH_SECS and on close)."""
         if not self.enabled:
             return
         if self._written != len(self._lines):
             storage.write_bytes(self.jsonl_path, "".join(self._lines).encode())
             self._written = len(self._lines)
-        if not self._remote or time.monotonic() - self._last_events_flush > REMOTE_FLUSH_SECS:
+        if not self._remote:
             self._events.flush()
-            self._last_events_flush = time.monotonic()
 
     def close(self) -> None:
         if self.enabled:

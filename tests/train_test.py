@@ -134,6 +134,22 @@ def test_metrics_file_drops_rows_after_the_resumed_step(tmp_path):
                     {"step": 25, "loss": 0.25, "skipped_steps": 0, "grad_norm": None}]
 
 
+def test_tensorboard_reads_every_scalar_and_image(tmp_path):
+    writer = metrics_writer.MetricsWriter(str(tmp_path), enabled=True)
+    writer.write_scalars(3, {"loss": 0.25, "skipped_steps": 2})
+    writer.write_scalars(6, {"loss": 0.125, "eval/bpd": 3.5})
+    rgb = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+    writer.write_image(6, "samples", rgb)
+    writer.close()
+    scalars, images = read_events(tmp_path / "tensorboard", tmp_path / "copy")
+    assert scalars == {"loss": {3: 0.25, 6: 0.125}, "skipped_steps": {3: 2.0},
+                       "eval/bpd": {6: 3.5}}
+    image = images["samples"][6]
+    assert (image.height, image.width) == (5, 7)
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB")), rgb)
+
+
 def test_only_the_primary_process_writes(tmp_path):
     writer = metrics_writer.MetricsWriter(str(tmp_path), enabled=False)
     writer.write_scalars(1, {"loss": 0.5})
