@@ -12,7 +12,8 @@ Settings come from the checkpoint's `config.eval` (defaults:
 are printed, written as JSON to --output (default
 <workdir>/eval/step_<step>.json) and appended to <workdir>/eval/metrics.jsonl
 and TensorBoard (<workdir>/eval/tensorboard), apart from the training run's
-own metrics file, which a running training may still be writing.
+own metrics file, which a running training may still be writing. The workdir
+and --output may be local paths or gs:// URLs.
 """
 
 from ddpm_jax import cpu_defaults
@@ -20,12 +21,12 @@ from ddpm_jax import cpu_defaults
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
 import json  # noqa: E402
-import os  # noqa: E402
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from etils import epath  # noqa: E402
 
-from ddpm_jax import checkpointing, evaluation, parallel  # noqa: E402
+from ddpm_jax import checkpointing, evaluation, parallel, storage  # noqa: E402
 from ddpm_jax.metrics_writer import MetricsWriter  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -101,17 +102,16 @@ def main(argv):
         scores.update(evaluator.sample_quality(params))
     say(f"step {step}: {evaluation.format_scores(scores)}")
 
-    eval_dir = os.path.join(FLAGS.workdir, "eval")
-    writer = MetricsWriter(eval_dir, enabled=primary, resume_step=step)
+    eval_dir = epath.Path(FLAGS.workdir) / "eval"
+    writer = MetricsWriter(str(eval_dir), enabled=primary, resume_step=step)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
     writer.close()
     if primary:
-        output = FLAGS.output or os.path.join(eval_dir, f"step_{step}.json")
+        output = FLAGS.output or str(eval_dir / f"step_{step}.json")
         record = {"workdir": FLAGS.workdir, "step": step, "use_ema": FLAGS.use_ema,
                   "eval": config.eval.to_dict(), "sampling": config.sampling.to_dict(),
                   "scores": scores}
-        with open(output, "w") as f:
-            json.dump(record, f, indent=1)
+        storage.write_encoded(output, lambda f: f.write(json.dumps(record, indent=1).encode()))
         logging.info("wrote %s", output)
         say(f"results: {output}")
 

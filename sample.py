@@ -138,12 +138,13 @@ def _output_paths():
 
 def _prepare_outputs() -> None:
     """Create the output directories now, so that a bad path fails before sampling."""
+    from etils import epath
     for name, path in _output_paths():
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             _fail(f"--{name}={path}: cannot create its directory ({_first_line(e)})")
-        if os.path.isdir(path):
+        if epath.Path(path).is_dir():
             _fail(f"--{name}={path} is a directory; give a file name")
 
 
@@ -165,7 +166,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from ddpm_jax import images, sampling, schedules, train_state, training
+    from ddpm_jax import images, sampling, schedules, storage, train_state, training
 
     config, params, source = _load_workdir() if _WORKDIR.value else _load_torch()
     _check_request(config)
@@ -206,8 +207,8 @@ def main(argv):
         height, width = images.save_grid(result.images, _OUTPUT.value, nrow=nrow)
         written.append(f"{_OUTPUT.value} ({width}x{height} px)")
         if _SAVE_NPZ.value:
-            np.savez(_SAVE_NPZ.value, images=result.images, seed=_SEED.value, sampler=sampler,
-                     steps=steps)
+            storage.write_encoded(_SAVE_NPZ.value, lambda f: np.savez(
+                f, images=result.images, seed=_SEED.value, sampler=sampler, steps=steps))
             written.append(_SAVE_NPZ.value)
         if _GIF.value:
             frames = images.save_gif(result.trajectory, _GIF.value)

@@ -27,7 +27,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ddpm_jax import parallel, train_state
+from ddpm_jax import parallel, storage, train_state
 
 CHECKPOINT_SUBDIR = "checkpoints"
 UNREADABLE_SUBDIR = "checkpoints_unreadable"
@@ -92,24 +92,16 @@ def _file_digest(path: epath.Path) -> str:
 
 
 def _step_files(step_dir: epath.Path) -> Dict[str, epath.Path]:
-    """Every file under a step directory but the manifest (epath has no recursive glob)."""
-    files, directories = {}, [step_dir]
-    while directories:
-        for path in directories.pop().iterdir():
-            if path.is_dir():
-                directories.append(path)
-            elif path.name != MANIFEST:
-                files[str(path.relative_to(step_dir))] = path
-    return files
+    """Every file under a step directory but the manifest."""
+    return {name: path for name, path in storage.files_under(step_dir).items()
+            if name != MANIFEST}
 
 
 def write_manifest(step_dir: epath.Path) -> None:
-    """Record size and SHA-256 of every file of a complete step (written atomically)."""
+    """Record size and SHA-256 of every file of a complete step (written all or nothing)."""
     entries = {name: {"size": p.stat().length, "sha256": _file_digest(p)}
                for name, p in sorted(_step_files(step_dir).items())}
-    tmp = step_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(entries, indent=1))
-    tmp.rename(step_dir / MANIFEST)
+    storage.write_bytes(step_dir / MANIFEST, json.dumps(entries, indent=1).encode())
 
 
 def verify_manifest(step_dir: epath.Path) -> Optional[str]:
@@ -260,7 +252,7 @@ class Checkpointer:
             target_root.mkdir(parents=True, exist_ok=True)
             for step in steps:
                 target = target_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-                (self.directory / str(step)).rename(target)
+                storage.move(self.directory / str(step), target)
                 log.warning("Moved unreadable checkpoint step %d to %s", step, target)
         parallel.barrier("ddpm_jax_move_unreadable")
         self._manager.reload()

@@ -12,7 +12,6 @@ architecture, the training settings and the test accuracy, so `load_classifier`
 rebuilds the same network without a config.
 """
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -22,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+
+from ddpm_jax import storage
 
 Params = Any
 
@@ -151,7 +152,7 @@ def save_classifier(directory: str, model: Classifier, params: Params,
     """Saves params and {architecture, **metadata} with Orbax under `directory` (step 0)."""
     record = {"architecture": _architecture(model), **metadata}
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-    with ocp.CheckpointManager(os.path.abspath(directory), options=options) as manager:
+    with ocp.CheckpointManager(storage.absolute(directory), options=options) as manager:
         manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                 metadata=ocp.args.JsonSave(record)),
                      force=True)
@@ -160,8 +161,8 @@ def save_classifier(directory: str, model: Classifier, params: Params,
 
 def load_classifier(directory: str) -> Tuple[Classifier, Params, Dict[str, Any]]:
     """(model, params, metadata) from a directory written by `save_classifier`."""
-    directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
+    directory = storage.absolute(directory)
+    if not directory.is_dir():
         raise FileNotFoundError(
             f"no classifier at {directory}; train one with "
             f"`python train_classifier.py --output_dir={directory}`")

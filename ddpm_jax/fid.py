@@ -12,9 +12,11 @@ are clipped to zero. The statistics files use pytorch-fid's `.npz` keys
 (`mu`, `sigma`), so its precomputed statistics load here too.
 """
 import dataclasses
-import os
 
 import numpy as np
+from etils import epath
+
+from ddpm_jax import storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +62,13 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics) -> float:
 
 def save_statistics(path: str, stats: FeatureStatistics) -> None:
     """Writes `mu`, `sigma` (pytorch-fid's keys) and `count` to an .npz file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, mu=stats.mean, sigma=stats.cov, count=stats.count)
+    storage.write_encoded(path, lambda f: np.savez(f, mu=stats.mean, sigma=stats.cov,
+                                                   count=stats.count))
 
 
 def load_statistics(path: str) -> FeatureStatistics:
     """Reads an .npz file with `mu` and `sigma` (ours or pytorch-fid's; `count` optional)."""
-    with np.load(path) as data:
+    with epath.Path(path).open("rb") as f, np.load(f) as data:
         missing = {"mu", "sigma"} - set(data.files)
         if missing:
             raise ValueError(f"{path}: statistics file lacks {sorted(missing)}; "

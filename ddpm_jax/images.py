@@ -6,12 +6,16 @@ design uses): `ncol = min(nrow, N)` images per row, `ceil(N / ncol)` rows,
     width  = ncol * (W + padding) + padding
     height = nrows * (H + padding) + padding
 pixels (`grid_size`). One channel gives a grayscale picture, three give RGB.
+Files are written through `ddpm_jax.storage` (local paths or `gs://`), their
+directory created.
 """
 import math
 from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image
+
+from ddpm_jax import storage
 
 CHANNELS = (1, 3)
 
@@ -54,23 +58,23 @@ def _picture(grid: np.ndarray) -> Image.Image:
     return Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
 
 
-def save_png(picture: np.ndarray, path: str) -> None:
+def save_png(picture: np.ndarray, path: storage.PathLike) -> None:
     """Write a uint8 [H, W, C] picture (e.g. from `make_grid`), C in (1, 3), as a PNG."""
     picture = np.asarray(picture)
     if picture.dtype != np.uint8 or picture.ndim != 3 or picture.shape[-1] not in CHANNELS:
         raise ValueError(f"picture must be uint8 [H, W, C] with C in {CHANNELS}, got "
                          f"{picture.dtype} {picture.shape}")
-    _picture(picture).save(path, format="PNG")
+    storage.write_encoded(path, lambda f: _picture(picture).save(f, format="PNG"))
 
 
-def save_grid(images, path: str, nrow: int = 8, padding: int = 2) -> Tuple[int, int]:
+def save_grid(images, path: storage.PathLike, nrow: int = 8, padding: int = 2) -> Tuple[int, int]:
     """Write images [N, H, W, C] in [-1, 1] as one PNG grid; returns its (height, width)."""
     grid = make_grid(images, nrow, padding)
     save_png(grid, path)
     return grid.shape[:2]
 
 
-def save_gif(trajectory, path: str, nrow: Optional[int] = None, padding: int = 2,
+def save_gif(trajectory, path: storage.PathLike, nrow: Optional[int] = None, padding: int = 2,
              frame_ms: int = 50, final_frame_ms: int = 1000) -> int:
     """Write the denoising animation of trajectory [F, K, H, W, C] (the images after each step).
 
@@ -88,6 +92,6 @@ def save_gif(trajectory, path: str, nrow: Optional[int] = None, padding: int = 2
     nrow = math.ceil(math.sqrt(trajectory.shape[1])) if nrow is None else nrow
     frames = [_picture(make_grid(step_images, nrow, padding)) for step_images in trajectory]
     durations = [frame_ms] * (len(frames) - 1) + [final_frame_ms]
-    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:],
-                   duration=durations, loop=0)
+    storage.write_encoded(path, lambda f: frames[0].save(
+        f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0))
     return len(frames)

@@ -1,173 +1,126 @@
 """Where training metrics and sample grids go: JSONL, TensorBoard, PNG, the terminal.
 
-Only process 0 writes (`enabled=False` elsewhere). TensorBoard event files are
-written directly (TFRecord framing of `Event` protocol buffers, encoded here),
-so logging needs neither TensorFlow (seconds to import, ~700 MB) nor the
-`tensorboard` package; TensorBoard reads them as usual.
+Only process 0 writes (`enabled=False` elsewhere). Every file goes through
+`ddpm_jax.storage` (etils epath), so a workdir may be local or `gs://`.
+
+TensorBoard event files are written by tensorboardX, chosen on import cost:
+in a fresh process `from tensorboardX import SummaryWriter` takes 1.1 s and
+80 MB (numpy and protobuf alone 0.35 s), against 9-10 s and 670 MB for
+`import tensorflow` (`tf.summary`, also what clu's writers use), which the
+training process otherwise never imports (measured on the project's 2-core
+CPU machine; tensorboardX also imports torch when it is installed, +3.3 s).
+Its record writers are pluggable per URL scheme: remote event files go through
+epath here, buffered and uploaded whole on each flush, as tensorboardX's own
+GCS writer does.
 """
 import io
 import json
-import os
-import socket
-import struct
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
+from etils import epath
+
+from ddpm_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
 SAMPLES_SUBDIR = "samples"
+# A remote event file is uploaded whole on each flush: only this often (by tensorboardX's
+# thread) and on close, so that a run does not upload a growing file at every log step.
+REMOTE_FLUSH_SECS = 60
 
 
 # --- TensorBoard event files ------------------------------------------------------------------
 
-def _crc32c_table():
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
+class _WholeFileWriter:
+    """A file object for tensorboardX that keeps the event file in memory and writes it
+    whole through epath on flush (Cloud Storage objects cannot be appended to)."""
 
+    def __init__(self, path: str):
+        self.path = path
+        self._buffer = io.BytesIO()
 
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), the checksum of TFRecord framing."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _bytes_field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _varint_field(number: int, value: int) -> bytes:
-    return _varint(number << 3) + _varint(value)
-
-
-def _event(step: int, *, summary_values=(), file_version: Optional[str] = None) -> bytes:
-    """An `Event` proto: wall_time=1 (double), step=2, file_version=3, summary=5."""
-    event = _varint(1 << 3 | 1) + struct.pack("<d", time.time()) + _varint_field(2, step)
-    if file_version is not None:
-        event += _bytes_field(3, file_version.encode())
-    if summary_values:
-        event += _bytes_field(5, b"".join(_bytes_field(1, v) for v in summary_values))
-    return event
-
-
-def _scalar_value(tag: str, value: float) -> bytes:
-    """`Summary.Value` with tag=1 and simple_value=2 (float)."""
-    return _bytes_field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value)
-
-
-def _image_value(tag: str, png: bytes, height: int, width: int, channels: int) -> bytes:
-    """`Summary.Value` with tag=1 and image=4 (height=1, width=2, colorspace=3, png=4)."""
-    image = (_varint_field(1, height) + _varint_field(2, width) + _varint_field(3, channels)
-             + _bytes_field(4, png))
-    return _bytes_field(1, tag.encode()) + _bytes_field(4, image)
-
-
-class EventFileWriter:
-    """Appends TensorBoard events to a new `events.out.tfevents.*` file in `directory`."""
-
-    def __init__(self, directory: str):
-        os.makedirs(directory, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self.path = os.path.join(directory, name)
-        self._file = open(self.path, "ab")
-        self._write(_event(0, file_version="brain.Event:2"))
-
-    def _write(self, record: bytes) -> None:
-        header = struct.pack("<Q", len(record))
-        self._file.write(header + struct.pack("<I", _masked_crc(header))
-                         + record + struct.pack("<I", _masked_crc(record)))
-
-    def scalars(self, step: int, scalars: Dict[str, float]) -> None:
-        self._write(_event(step, summary_values=[_scalar_value(k, float(v))
-                                                 for k, v in scalars.items()]))
-
-    def image(self, step: int, tag: str, png: bytes, shape) -> None:
-        height, width, channels = shape
-        self._write(_event(step, summary_values=[_image_value(tag, png, height, width,
-                                                              channels)]))
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
 
     def flush(self) -> None:
-        self._file.flush()
+        storage.write_bytes(self.path, self._buffer.getvalue())
 
     def close(self) -> None:
-        self._file.close()
+        self.flush()
+
+
+class _EpathWriterFactory:
+    """tensorboardX's hook for a URL scheme: directories and files through epath."""
+
+    def open(self, path: str) -> _WholeFileWriter:
+        return _WholeFileWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _summary_writer(directory: str):
+    """A tensorboardX SummaryWriter on `directory`, local or remote (imported on first use)."""
+    from tensorboardX import SummaryWriter, record_writer
+    for prefix in storage.REMOTE_PREFIXES:
+        record_writer.register_writer_factory(prefix.split(":")[0], _EpathWriterFactory())
+    local = storage.is_local(directory)
+    return SummaryWriter(directory, flush_secs=120 if local else REMOTE_FLUSH_SECS)
 
 
 # --- The writer the training loop uses ----------------------------------------------------------
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """uint8 [H, W, C] (C = 1 or 3) as PNG."""
-    from PIL import Image
-    buffer = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
 
 class MetricsWriter:
     """metrics.jsonl (one JSON object per logged step), TensorBoard scalars and images.
 
     On resume at step k, `metrics.jsonl` lines of steps after k (written by the
     interrupted run after its last checkpoint) are dropped, so that the file
-    holds each step once, as the resumed run computes it.
+    holds each step once, as the resumed run computes it. The file is kept in
+    memory and rewritten whole at each `flush` (see `ddpm_jax.storage`).
     """
 
     def __init__(self, workdir: str, *, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
-        self.jsonl_path = os.path.join(workdir, METRICS_FILE)
+        self.jsonl_path = epath.Path(workdir) / METRICS_FILE
         self._events = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        _truncate_jsonl(self.jsonl_path, resume_step)
-        self._jsonl = open(self.jsonl_path, "a")
-        self._events = EventFileWriter(os.path.join(workdir, TENSORBOARD_SUBDIR))
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        self._lines = _rows_until(self.jsonl_path, resume_step)
+        self._written = None  # the number of lines in the file, None: not written yet
+        self._remote = not storage.is_local(workdir)
+        self._events = _summary_writer(str(epath.Path(workdir) / TENSORBOARD_SUBDIR))
 
     def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _json_number(v) for k, v in scalars.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._events.scalars(step, scalars)
+        self._lines.append(json.dumps(row) + "\n")
+        for tag, value in scalars.items():
+            self._events.add_scalar(tag, float(value), int(step))
 
     def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
         """A uint8 [H, W, C] image (e.g. a sample grid) to TensorBoard."""
         if self.enabled:
-            self._events.image(step, tag, png_bytes(image), image.shape)
+            self._events.add_image(tag, image, int(step), dataformats="HWC")
 
     def flush(self) -> None:
-        if self.enabled:
-            self._jsonl.flush()
+        """metrics.jsonl now; the event file too if it is local (a remote one is uploaded
+        every REMOTE_FLUSH_SECS and on close)."""
+        if not self.enabled:
+            return
+        if self._written != len(self._lines):
+            storage.write_bytes(self.jsonl_path, "".join(self._lines).encode())
+            self._written = len(self._lines)
+        if not self._remote:
             self._events.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            self.flush()
             self._events.close()
 
 
@@ -179,28 +132,24 @@ def _json_number(value) -> Optional[float]:
     return value if np.isfinite(value) else None
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
-    """Drop the rows of steps after `last_step`, and a torn last line."""
-    if not os.path.exists(path):
-        return
+def _rows_until(path: epath.Path, last_step: int) -> List[str]:
+    """The lines of a metrics file up to step `last_step`, without a torn last line."""
+    if not path.exists():
+        return []
     kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= last_step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
 
 
 def read_metrics(workdir: str):
     """The rows of a workdir's metrics.jsonl, in order."""
-    with open(os.path.join(workdir, METRICS_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = (epath.Path(workdir) / METRICS_FILE).read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 # --- The terminal ------------------------------------------------------------------------------

@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
 from ddpm_jax import (checkpointing, config_validation, datasets, diffusion, evaluation, images,
                       input_pipeline, parallel, sampling, streaming)
-from ddpm_jax.metrics_writer import ConsoleReporter, MetricsWriter
+from ddpm_jax.metrics_writer import SAMPLES_SUBDIR, ConsoleReporter, MetricsWriter
 from ddpm_jax.schedules import DiffusionSchedule, make_schedule
 from ddpm_jax.train_state import (TrainState, create_model, create_train_state,
                                   learning_rate_schedule, make_optimizer)
@@ -263,9 +264,8 @@ class _Loop:
             ddim_steps=c.sampling.ddim_steps, ddim_eta=c.sampling.ddim_eta, mesh=self.mesh)
         if jax.process_index() == 0:
             grid = images.make_grid(result.images, nrow=math.ceil(math.sqrt(len(result.images))))
-            directory = os.path.join(self.workdir, "samples")
-            os.makedirs(directory, exist_ok=True)
-            images.save_png(grid, os.path.join(directory, f"step_{step:07d}.png"))
+            images.save_png(grid, epath.Path(self.workdir) / SAMPLES_SUBDIR
+                            / f"step_{step:07d}.png")
             self.writer.write_image(step, "samples", grid)
             self.writer.flush()
         self.restart_clock()

@@ -61,12 +61,12 @@ def subprocess_env(xla_flags: str = "") -> Dict[str, str]:
 
 
 def train_py(config, workdir: Path, env: Dict[str, str], extra: Sequence[str] = (),
-             **popen_kwargs):
+             cwd: Path = REPO, **popen_kwargs):
     """`python train.py --config=configs/tiny.py --workdir=...` with `config`'s fields as flags,
     started (not waited for)."""
     args = [sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs' / 'tiny.py'}",
             f"--workdir={workdir}", *cli_overrides(config), *extra]
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen_kwargs)
 
 
@@ -93,8 +93,8 @@ def sigterm_at(process, line_start: str, timeout: float = 300) -> str:
 
 
 def run_train_py(config, workdir: Path, env: Dict[str, str], extra: Sequence[str] = (),
-                 timeout: float = 240) -> subprocess.CompletedProcess:
-    process = train_py(config, workdir, env, extra)
+                 timeout: float = 240, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    process = train_py(config, workdir, env, extra, cwd)
     output, _ = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, output)
 
@@ -114,3 +114,23 @@ def restored_state(workdir: Path, config):
 def losses(workdir: Path) -> Dict[int, Optional[float]]:
     from ddpm_jax.metrics_writer import read_metrics
     return {row["step"]: row["loss"] for row in read_metrics(str(workdir)) if "loss" in row}
+
+
+def read_events(directory, local_copy: Path):
+    """TensorBoard's view of the event files in `directory` (local or a URL; copied to
+    `local_copy` for TensorFlow's reader, which verifies their checksums):
+    ({tag: {step: value}} of the scalars, {tag: {step: Summary.Image}} of the images)."""
+    import tensorflow as tf
+    from etils import epath
+    local_copy.mkdir(parents=True, exist_ok=True)
+    scalars, images = {}, {}
+    for remote in sorted(epath.Path(directory).iterdir()):
+        path = local_copy / remote.name
+        path.write_bytes(remote.read_bytes())
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    images.setdefault(value.tag, {})[event.step] = value.image
+                elif value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars, images

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from ddpm_jax import metrics_writer, training
-from tests.train_helpers import (enable_compilation_cache, restored_state, run_train_py,
-                                 subprocess_env, tiny_config)
+from tests.train_helpers import (enable_compilation_cache, read_events, restored_state,
+                                 run_train_py, subprocess_env, tiny_config)
 
 
 def test_train_py_trains_then_resumes(fashion_mnist_dirs, tmp_path):
@@ -49,23 +49,17 @@ def test_train_py_trains_then_resumes(fashion_mnist_dirs, tmp_path):
 
 
 def _check_tensorboard(workdir, expected_steps):
-    """TensorFlow reads the event files back (verifying their checksums)."""
-    tf = pytest.importorskip("tensorflow")
-    scalars, images = {}, {}
-    for name in os.listdir(workdir / "tensorboard"):
-        for event in tf.compat.v1.train.summary_iterator(str(workdir / "tensorboard" / name)):
-            for value in event.summary.value:
-                if value.HasField("image"):
-                    images[event.step] = value.image
-                else:
-                    scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    """TensorBoard's reader finds every logged scalar and the sample grid."""
+    scalars, images = read_events(workdir / "tensorboard", workdir / "events_copy")
     assert sorted(scalars["loss"]) == expected_steps
-    rows = {r["step"]: r for r in metrics_writer.read_metrics(str(workdir))}
-    for step, value in scalars["loss"].items():
-        assert value == pytest.approx(rows[step]["loss"], rel=1e-6)
-    assert set(images) == {20}
-    png = Image.open(io.BytesIO(images[20].encoded_image_string))
-    assert png.size == (images[20].width, images[20].height) == (92, 92)
+    for row in metrics_writer.read_metrics(str(workdir)):
+        for tag, value in row.items():
+            if tag != "step" and value is not None:
+                assert scalars[tag][row["step"]] == pytest.approx(value, rel=1e-6), tag
+    assert set(images) == {"samples"} and set(images["samples"]) == {20}
+    image = images["samples"][20]
+    png = Image.open(io.BytesIO(image.encoded_image_string))
+    assert png.size == (image.width, image.height) == (92, 92)
 
 
 def test_no_compilation_after_the_first_step(fashion_mnist_dirs, tmp_path):
@@ -138,6 +132,22 @@ def test_metrics_file_drops_rows_after_the_resumed_step(tmp_path):
     rows = metrics_writer.read_metrics(str(tmp_path))
     assert rows == [{"step": 10, "loss": 0.5}, {"step": 20, "loss": 0.5},
                     {"step": 25, "loss": 0.25, "skipped_steps": 0, "grad_norm": None}]
+
+
+def test_tensorboard_reads_every_scalar_and_image(tmp_path):
+    writer = metrics_writer.MetricsWriter(str(tmp_path), enabled=True)
+    writer.write_scalars(3, {"loss": 0.25, "skipped_steps": 2})
+    writer.write_scalars(6, {"loss": 0.125, "eval/bpd": 3.5})
+    rgb = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+    writer.write_image(6, "samples", rgb)
+    writer.close()
+    scalars, images = read_events(tmp_path / "tensorboard", tmp_path / "copy")
+    assert scalars == {"loss": {3: 0.25, 6: 0.125}, "skipped_steps": {3: 2.0},
+                       "eval/bpd": {6: 3.5}}
+    image = images["samples"][6]
+    assert (image.height, image.width) == (5, 7)
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB")), rgb)
 
 
 def test_only_the_primary_process_writes(tmp_path):
