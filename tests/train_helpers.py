@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from configs import tiny
-from ddpm_jax import checkpointing, parallel
+from ddpm_jax import checkpointing, parallel, train_state
 
 REPO = Path(__file__).resolve().parents[1]
 # Shared by the test processes and kept between test sessions (.cache/ is ignored by git):
@@ -90,3 +90,22 @@ def restored_state(workdir: Path, config):
 def losses(workdir: Path) -> Dict[int, Optional[float]]:
     from ddpm_jax.metrics_writer import read_metrics
     return {row["step"]: row["loss"] for row in read_metrics(str(workdir)) if "loss" in row}
+
+
+def filled_train_state(config, seed: int = 0):
+    """A TrainState for `config` of numpy draws at PyTorch's initial scale, U(+-1/sqrt(fan_in))
+    (`create_train_state` would compile the network's initialisation, which takes XLA:CPU
+    about a minute); integer leaves and the optimizer's moments are zero."""
+    model = train_state.create_model(config)
+    shapes = jax.eval_shape(lambda key: train_state.create_train_state(
+        config, model, train_state.make_optimizer(config), key), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(leaf):
+        if np.issubdtype(leaf.dtype, np.floating):
+            bound = 1.0 / np.sqrt(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 0.1
+            return rng.uniform(-bound, bound, leaf.shape).astype(leaf.dtype)
+        return np.zeros(leaf.shape, leaf.dtype)
+
+    state = jax.tree.map(fill, shapes)
+    return state.replace(opt_state=jax.tree.map(np.zeros_like, state.opt_state))
