@@ -2,11 +2,13 @@
 import math
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import cifar10, fashion, mnist, tiny
 from ddpm_jax import checkpointing, input_pipeline, parallel, sampling, train_state, training
+from ddpm_jax.config_validation import ConfigError, validate_config
 from ddpm_jax.schedules import make_schedule
 from tests.train_helpers import enable_compilation_cache, filled_train_state, tiny_config
 
@@ -93,3 +95,13 @@ def test_a_checkpoint_from_before_the_warmup_resumes_and_samples(fashion_mnist_d
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(result.state.ema_params))
     stored_config, _, step = checkpointing.load_inference_params(str(tmp_path))
     assert step == 9 and stored_config.optim.ema_warmup is True
+
+
+def test_the_new_fields_must_be_booleans():
+    config = ml_collections.ConfigDict(tiny.get_config().to_dict(), type_safe=False)
+    config.optim.ema_warmup = 1
+    config.sampling.clip_denoised = "yes"
+    with pytest.raises(ConfigError) as error:
+        validate_config(config)
+    assert "config.optim.ema_warmup = 1: must be True or False" in str(error.value)
+    assert "config.sampling.clip_denoised = 'yes': must be True or False" in str(error.value)
