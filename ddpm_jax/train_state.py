@@ -64,7 +64,7 @@ def ema_decay_at(config, applied_steps):
 
     With `config.optim.ema_warmup`, min(ema_decay, (1 + n) / (10 + n)) (TensorFlow's
     `ExponentialMovingAverage(num_updates=n)`): the first update keeps 1/10 of the
-    initial weights and after k updates 1 / C(k + 9, 9) of them is left (1e-12 at
+    initial weights and after k updates 1 / C(k + 9, 9) of them is left (2e-13 at
     k = 100; without warmup 0.995^100 = 0.61). A function of the applied-update count
     only, so it needs no state of its own: skipped steps and resumes stay exact and
     checkpoints keep their structure. (`optax.ema(debias=True)` would add a count and a
