@@ -48,6 +48,8 @@ flags.DEFINE_integer("seed", None, "Seed of the bound's noise and of the samples
 flags.DEFINE_integer("bpd_batch_size", None, "Images per compiled bits/dim call.")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Sampler (default: config.sampling's).")
 flags.DEFINE_integer("ddim_steps", None, "DDIM steps (default: config.sampling's).")
+flags.DEFINE_bool("clip_denoised", None, "Step through the predicted x0 clipped to [-1, 1] "
+                  "(default: config.sampling's).")
 flags.DEFINE_boolean("use_ema", True, "Evaluate the EMA parameters (else the raw ones).")
 flags.DEFINE_string("tfds_data_dir", None, "Override config.data.tfds_data_dir.")
 flags.DEFINE_string("manual_dir", None, "Override config.data.manual_dir.")
@@ -77,6 +79,8 @@ def _eval_config(config):
         config.sampling.sampler = FLAGS.sampler
     if FLAGS.ddim_steps is not None:
         config.sampling.ddim_steps = FLAGS.ddim_steps
+    if FLAGS.clip_denoised is not None:
+        config.sampling.clip_denoised = FLAGS.clip_denoised
     return config
 
 

@@ -42,6 +42,9 @@ _SAMPLER = flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"],
 _DDIM_STEPS = flags.DEFINE_integer("ddim_steps", None, "DDIM steps; default: config.sampling.")
 _DDIM_ETA = flags.DEFINE_float("ddim_eta", None, "DDIM eta (0 = deterministic); default: "
                                "config.sampling.")
+_CLIP_DENOISED = flags.DEFINE_bool(
+    "clip_denoised", None, "Step through the predicted x0 clipped to [-1, 1] (the DDPM "
+    "paper's sampler); false: the design's Equation 11. Default: config.sampling.")
 _SEED = flags.DEFINE_integer("seed", 0, "Images are a function of the seed and their index.")
 _OUTPUT = flags.DEFINE_string("output", "samples.png", "The image grid (PNG).")
 _NROW = flags.DEFINE_integer("nrow", None, "Images per grid row; default ceil(sqrt(num_images)).")
@@ -126,8 +129,14 @@ def _check_request(config) -> None:
 
 def _sampler_setting(config, name: str):
     """The flag --name if given, else config.sampling.name."""
-    value = {"sampler": _SAMPLER, "ddim_steps": _DDIM_STEPS, "ddim_eta": _DDIM_ETA}[name].value
-    return config.sampling[name] if value is None else value
+    value = {"sampler": _SAMPLER, "ddim_steps": _DDIM_STEPS, "ddim_eta": _DDIM_ETA,
+             "clip_denoised": _CLIP_DENOISED}[name].value
+    if value is not None:
+        return value
+    if name == "clip_denoised":
+        from ddpm_jax import sampling
+        return sampling.clip_denoised_setting(config.sampling)
+    return config.sampling[name]
 
 
 def _output_paths():
@@ -171,8 +180,9 @@ def main(argv):
     config, params, source = _load_workdir() if _WORKDIR.value else _load_torch()
     _check_request(config)
     training.configure_compilation_cache(config)
-    sampler, ddim_steps, ddim_eta = (_sampler_setting(config, name)
-                                     for name in ("sampler", "ddim_steps", "ddim_eta"))
+    sampler, ddim_steps, ddim_eta, clip_denoised = (
+        _sampler_setting(config, name)
+        for name in ("sampler", "ddim_steps", "ddim_eta", "clip_denoised"))
     num_images = _NUM_IMAGES.value
     gif_images = min(_GIF_IMAGES.value, num_images) if _GIF.value else 0
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
@@ -190,13 +200,14 @@ def main(argv):
 
     if is_main:
         description = (f"ddim, {steps} steps, eta {ddim_eta}" if sampler == "ddim"
-                       else f"ddpm, {steps} steps")
+                       else f"ddpm, {steps} steps") + (", x0 clipped" if clip_denoised else "")
         print(f"Sampling {num_images} images of {image_shape} ({description}) from {source} "
               f"on {jax.device_count()} {jax.devices()[0].platform} device(s), seed "
               f"{_SEED.value}", flush=True)
     result = sampling.generate(
         sampling.ModelApply(train_state.create_model(config)), params, schedule, image_shape,
         num_images, seed=_SEED.value, sampler=sampler, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
+        clip_denoised=clip_denoised,
         trajectory_indices=range(gif_images), trajectory_frames=_GIF_FRAMES.value,
         chunk_size=_CHUNK_SIZE.value, progress=report)
     if not is_main:

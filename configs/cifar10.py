@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 5000
     config.optim.grad_clip_norm = 1.0
     config.optim.ema_decay = 0.9999
+    config.sampling.clip_denoised = True  # the paper's sampler (its code's clip_denoised)
 
     config.training.num_train_steps = 800_000
     config.training.log_every = 1000

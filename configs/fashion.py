@@ -60,7 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
         b1=0.9,
         b2=0.999,
         eps=1e-8,
-        ema_decay=0.995,
+        ema_decay=0.995,           # the final decay; see ema_warmup
+        # Warm the decay up as min(ema_decay, (1 + n) / (10 + n)) after n updates, so the
+        # EMA does not keep the random initialisation (docs/sample_quality.md).
+        ema_warmup=True,
     ))
 
     config.training = ml_collections.ConfigDict(dict(
@@ -80,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
         sampler="ddpm",            # ddpm | ddim
         ddim_steps=50,
         ddim_eta=0.0,
+        # Step through the predicted x0 clipped to [-1, 1] (the DDPM paper's sampler);
+        # False: the design's Equation 11 (docs/sample_quality.md has the measurements).
+        clip_denoised=True,
     ))
 
     # Test-set bits/dim and sample quality every K steps (off by default).

@@ -29,11 +29,11 @@ FIELDS = {
         "model": ("dim", "init_dim", "dim_mults", "with_time_emb", "resnet_block_groups",
                   "use_convnext", "convnext_mult", "dropout", "dtype"),
         "optim": ("learning_rate", "warmup_steps", "grad_clip_norm", "b1", "b2", "eps",
-                  "ema_decay"),
+                  "ema_decay", "ema_warmup"),
         "training": ("batch_size", "num_train_steps", "num_epochs", "log_every",
                      "checkpoint_every", "keep_checkpoints", "sample_every",
                      "num_sample_images", "nan_policy", "compilation_cache_dir"),
-        "sampling": ("sampler", "ddim_steps", "ddim_eta"),
+        "sampling": ("sampler", "ddim_steps", "ddim_eta", "clip_denoised"),
 }
 
 
@@ -218,6 +218,7 @@ def _check_optim(check: _Checker) -> None:
     check.number("optim.b2", minimum=0.0, maximum=1.0, exclusive_maximum=True)
     check.number("optim.eps", minimum=0.0, exclusive_minimum=True)
     check.number("optim.ema_decay", minimum=0.0, maximum=1.0, exclusive_maximum=True)
+    check.boolean("optim.ema_warmup")
 
 
 def _divisible(check: _Checker, path: str, value: int, divisor: int, what: str) -> None:
@@ -252,6 +253,7 @@ def _check_sampling(check: _Checker) -> None:
     maximum = timesteps if ddim and isinstance(timesteps, int) and timesteps >= 1 else None
     check.integer("sampling.ddim_steps", minimum=1, maximum=maximum)
     check.number("sampling.ddim_eta", minimum=0.0)
+    check.boolean("sampling.clip_denoised")
 
 
 def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> None:

@@ -76,9 +76,23 @@ def p_mean(schedule: DiffusionSchedule, x, t, predicted_noise):
         / extract(schedule.sqrt_one_minus_alphas_cumprod, t, x.shape))
 
 
-def p_sample(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x, t, key):
-    """One step of Algorithm 2: x_{t-1} from x_t, with no noise where t == 0."""
-    model_mean = p_mean(schedule, x, t, denoise_fn(x, t))
+def p_mean_clipped(schedule: DiffusionSchedule, x, t, predicted_noise):
+    """The DDPM paper code's reverse mean: the posterior mean of q(x_{t-1} | x_t, x0) at the
+    x0 the noise implies, clipped to the data range [-1, 1]. Without clipping it equals
+    Equation 11 (`p_mean`) algebraically."""
+    x_start = jnp.clip(predict_start_from_noise(schedule, x, t, predicted_noise), -1.0, 1.0)
+    return q_posterior(schedule, x_start, x, t)[0]
+
+
+def p_sample(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x, t, key,
+             clip_denoised: bool = False):
+    """One step of Algorithm 2: x_{t-1} from x_t, with no noise where t == 0.
+
+    clip_denoised: take the mean through the clipped x0 (`p_mean_clipped`) instead of
+    the design's Equation 11.
+    """
+    mean_fn = p_mean_clipped if clip_denoised else p_mean
+    model_mean = mean_fn(schedule, x, t, denoise_fn(x, t))
     noise = jax.random.normal(key, x.shape, x.dtype)
     std = jnp.sqrt(extract(schedule.posterior_variance, t, x.shape))
     nonzero = extract((jnp.arange(schedule.num_timesteps) > 0).astype(x.dtype), t, x.shape)
@@ -98,20 +112,21 @@ def _initial_noise(shape, key, x_T):
 
 
 def p_sample_loop(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, shape, key,
-                  x_T: Optional[jnp.ndarray] = None, return_trajectory: bool = False):
+                  x_T: Optional[jnp.ndarray] = None, return_trajectory: bool = False,
+                  clip_denoised: bool = False):
     """Algorithm 2 as one `lax.scan` from x_T ~ N(0, I) down to x_0.
 
     The step at time t uses the key `fold_in(loop_key, t)`, so its noise does
     not depend on how the loop is compiled or sharded. Returns x_0, or with
     `return_trajectory` the T images after each step ([T, B, H, W, C], last is
-    x_0), like the design's list of images.
+    x_0), like the design's list of images. clip_denoised: see `p_sample`.
     """
     x, loop_key = _initial_noise(shape, key, x_T)
     batch = x.shape[0]
 
     def step(x, t):
         x = p_sample(schedule, denoise_fn, x, jnp.full((batch,), t, jnp.int32),
-                     jax.random.fold_in(loop_key, t))
+                     jax.random.fold_in(loop_key, t), clip_denoised)
         return x, (x if return_trajectory else None)
 
     timesteps = jnp.arange(schedule.num_timesteps - 1, -1, -1, dtype=jnp.int32)
@@ -146,12 +161,21 @@ def ddim_sigma(schedule: DiffusionSchedule, t, t_prev, eta):
                           / _one_minus_alphas_cumprod(schedule, t) * one_minus_ratio)
 
 
-def ddim_step(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x, t, t_prev, eta, key):
-    """One DDIM update x_t -> x_{t_prev} for scalar int timesteps t > t_prev >= -1."""
+def ddim_step(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x, t, t_prev, eta, key,
+              clip_denoised: bool = False):
+    """One DDIM update x_t -> x_{t_prev} for scalar int timesteps t > t_prev >= -1.
+
+    clip_denoised: clip the predicted x0 to [-1, 1] and step with the noise re-derived
+    from it (what the DDPM paper's code and lucidrains do), so both terms agree.
+    """
     batch = x.shape[0]
     predicted_noise = denoise_fn(x, jnp.full((batch,), t, jnp.int32))
     x_start = (schedule.sqrt_recip_alphas_cumprod[t] * x
                - schedule.sqrt_recipm1_alphas_cumprod[t] * predicted_noise)
+    if clip_denoised:
+        x_start = jnp.clip(x_start, -1.0, 1.0)
+        predicted_noise = ((schedule.sqrt_recip_alphas_cumprod[t] * x - x_start)
+                           / schedule.sqrt_recipm1_alphas_cumprod[t])
     sqrt_alpha_bar_prev = jnp.where(
         t_prev >= 0, schedule.sqrt_alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
     sigma = ddim_sigma(schedule, t, t_prev, eta)
@@ -163,11 +187,12 @@ def ddim_step(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x, t, t_prev, 
 
 def ddim_sample_loop(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, shape, key,
                      num_steps: int, eta: float = 0.0, x_T: Optional[jnp.ndarray] = None,
-                     return_trajectory: bool = False):
+                     return_trajectory: bool = False, clip_denoised: bool = False):
     """DDIM (Song et al. 2021) over `num_steps` of the T timesteps, as one `lax.scan`.
 
     eta = 0 is deterministic given x_T; eta = 1 with all T steps has the DDPM
     posterior variance. Returns x_0, or the `num_steps` images after each step.
+    clip_denoised: see `ddim_step`.
     """
     x, loop_key = _initial_noise(shape, key, x_T)
     ts = ddim_timesteps(schedule.num_timesteps, num_steps)
@@ -175,7 +200,8 @@ def ddim_sample_loop(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, shape, 
 
     def step(x, ts_pair):
         t, t_prev = ts_pair
-        x = ddim_step(schedule, denoise_fn, x, t, t_prev, eta, jax.random.fold_in(loop_key, t))
+        x = ddim_step(schedule, denoise_fn, x, t, t_prev, eta, jax.random.fold_in(loop_key, t),
+                      clip_denoised)
         return x, (x if return_trajectory else None)
 
     x, trajectory = jax.lax.scan(step, x, (jnp.asarray(ts), jnp.asarray(t_prevs)))

@@ -262,7 +262,8 @@ class Evaluator:
             self.apply_fn, params, self.schedule,
             (c.data.image_size, c.data.image_size, c.data.channels), n, seed=c.eval.seed,
             sampler=c.sampling.sampler, ddim_steps=c.sampling.ddim_steps,
-            ddim_eta=c.sampling.ddim_eta, mesh=self.mesh)
+            ddim_eta=c.sampling.ddim_eta,
+            clip_denoised=sampling.clip_denoised_setting(c.sampling), mesh=self.mesh)
         samples = quantize(result.images)
         scores = {"fid_num_samples": n}
         for scorer in self.scorers:

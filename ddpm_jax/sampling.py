@@ -68,6 +68,12 @@ def check_sampler(num_timesteps: int, sampler: str, ddim_steps: int, ddim_eta: f
                              f"noise), got {ddim_eta}")
 
 
+def clip_denoised_setting(sampling_config) -> bool:
+    """`config.sampling.clip_denoised`; False (the design's sampler, which they used) for
+    configs stored in checkpoints written before the field existed."""
+    return bool(sampling_config.get("clip_denoised", False))
+
+
 def num_sampling_steps(num_timesteps: int, sampler: str, ddim_steps: int) -> int:
     """How many network calls one image takes."""
     if sampler == "ddim":
@@ -96,7 +102,7 @@ def image_keys(seed, indices) -> jax.Array:
 def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, keys: jax.Array,
                  image_shape: Tuple[int, int, int], sampler: str = "ddpm", ddim_steps: int = 50,
                  ddim_eta=0.0, trajectory_positions: Optional[jnp.ndarray] = None,
-                 frame_steps: Optional[Sequence[int]] = None):
+                 frame_steps: Optional[Sequence[int]] = None, clip_denoised: bool = False):
     """Images x_0 [B, H, W, C] for per-image keys [B], as one `lax.scan` over the steps.
 
     Image b equals, up to float rounding, `p_sample_loop(schedule, denoise_fn,
@@ -104,7 +110,8 @@ def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, k
     the same per-step fold_in. With `trajectory_positions` (int [K], positions
     in this batch) also returns those K images after each of the steps
     `frame_steps` (default all; see `trajectory_steps`), [F, K, H, W, C],
-    keeping nothing of the other images and steps; else None.
+    keeping nothing of the other images and steps; else None. clip_denoised: step
+    through the predicted x0 clipped to [-1, 1] (`diffusion.p_sample`, `ddim_step`).
     """
     split = jax.vmap(jax.random.split)(keys)
     init_keys, loop_keys = split[:, 0], split[:, 1]
@@ -118,13 +125,14 @@ def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, k
         def update(x_one, t, t_prev, key):
             del t_prev
             return diffusion.p_sample(schedule, denoise_fn, x_one, jnp.full((1,), t, jnp.int32),
-                                      key)
+                                      key, clip_denoised)
     else:
         ts = diffusion.ddim_timesteps(schedule.num_timesteps, ddim_steps)
         t_prevs = np.concatenate([ts[1:], [-1]]).astype(np.int32)
 
         def update(x_one, t, t_prev, key):
-            return diffusion.ddim_step(schedule, denoise_fn, x_one, t, t_prev, ddim_eta, key)
+            return diffusion.ddim_step(schedule, denoise_fn, x_one, t, t_prev, ddim_eta, key,
+                                       clip_denoised)
 
     frame_steps = range(len(ts)) if frame_steps is None else frame_steps
     frame_of_step = np.full(len(ts), -1, np.int32)  # -1: the step is not kept
@@ -149,11 +157,12 @@ def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, k
 
 
 def _sample_chunk(params, schedule, seed, indices, trajectory_positions, ddim_eta, *,
-                  apply_fn, image_shape, sampler, ddim_steps, frame_steps, mesh):
+                  apply_fn, image_shape, sampler, ddim_steps, frame_steps, mesh,
+                  clip_denoised=False):
     """One chunk: the images of global `indices` (sharded over 'data'), x_0 and trajectory."""
     images, trajectory = sample_batch(
         schedule, lambda x, t: apply_fn(params, x, t), image_keys(seed, indices), image_shape,
-        sampler, ddim_steps, ddim_eta, trajectory_positions, frame_steps)
+        sampler, ddim_steps, ddim_eta, trajectory_positions, frame_steps, clip_denoised)
     images = jax.lax.with_sharding_constraint(images, parallel.batch_sharded(mesh))
     if trajectory is not None:
         trajectory = jax.lax.with_sharding_constraint(trajectory, parallel.replicated(mesh))
@@ -161,7 +170,8 @@ def _sample_chunk(params, schedule, seed, indices, trajectory_positions, ddim_et
 
 
 _sample_chunk_jit = jax.jit(_sample_chunk, static_argnames=(
-    "apply_fn", "image_shape", "sampler", "ddim_steps", "frame_steps", "mesh"))
+    "apply_fn", "image_shape", "sampler", "ddim_steps", "frame_steps", "mesh",
+    "clip_denoised"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +244,7 @@ def _to_host(x: jax.Array) -> np.ndarray:
 def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
              image_shape: Sequence[int], num_images: int, *, seed: int = 0,
              sampler: str = "ddpm", ddim_steps: int = 50, ddim_eta: float = 0.0,
+             clip_denoised: bool = False,
              trajectory_indices: Sequence[int] = (), trajectory_frames: Optional[int] = None,
              chunk_size: Optional[int] = None,
              mesh: Optional[Mesh] = None,
@@ -246,6 +257,8 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
       image_shape: (H, W, C) of the images the network was trained on.
       seed: the images are a function of (seed, image index) only.
       sampler: 'ddpm' (ancestral, all T steps) or 'ddim' (`ddim_steps` steps, `ddim_eta`).
+      clip_denoised: step through the predicted x0 clipped to [-1, 1] (the DDPM paper's
+        sampler); False: the design's Equation 11.
       trajectory_indices: images whose steps to keep, e.g. for a GIF.
       trajectory_frames: keep at most this many steps (`trajectory_steps`); None: all.
       chunk_size: most images per compiled call; None: `default_chunk_size`.
@@ -286,7 +299,7 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
 
     static = dict(apply_fn=apply_fn, image_shape=image_shape, sampler=sampler,
                   ddim_steps=ddim_steps if sampler == "ddim" else 0, frame_steps=frame_steps,
-                  mesh=mesh)
+                  mesh=mesh, clip_denoised=bool(clip_denoised))
     start_compile = time.perf_counter()
     compiled = _sample_chunk_jit.lower(params, schedule, seed_array, *chunk_inputs(0), eta,
                                        **static).compile()

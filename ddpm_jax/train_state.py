@@ -59,6 +59,25 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return optax.adam(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps)
 
 
+def ema_decay_at(config, applied_steps):
+    """The EMA decay of the update that follows `applied_steps` applied updates.
+
+    With `config.optim.ema_warmup`, min(ema_decay, (1 + n) / (10 + n)) (TensorFlow's
+    `ExponentialMovingAverage(num_updates=n)`): the first update keeps 1/10 of the
+    initial weights and after k updates 1 / C(k + 9, 9) of them is left (2e-13 at
+    k = 100; without warmup 0.995^100 = 0.61). A function of the applied-update count
+    only, so it needs no state of its own: skipped steps and resumes stay exact and
+    checkpoints keep their structure. (`optax.ema(debias=True)` would add a count and a
+    zero-started average to the state, and its debiasing to every read of the weights.)
+    `config.optim.ema_decay` stays the final decay, reached after ~1.8k updates at 0.995.
+    """
+    decay = config.optim.ema_decay
+    if not config.optim.ema_warmup:
+        return jnp.asarray(decay, jnp.float32)
+    n = jnp.asarray(applied_steps, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
 def create_train_state(config, model: Unet, optimizer: optax.GradientTransformation,
                        key: jax.Array) -> TrainState:
     """A fresh state: parameters initialised from `key`, EMA equal to them, step 0.

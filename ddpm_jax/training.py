@@ -33,7 +33,7 @@ from ddpm_jax import (checkpointing, config_validation, datasets, diffusion, eva
                       input_pipeline, parallel, sampling, streaming)
 from ddpm_jax.metrics_writer import SAMPLES_SUBDIR, ConsoleReporter, MetricsWriter
 from ddpm_jax.schedules import DiffusionSchedule, make_schedule
-from ddpm_jax.train_state import (TrainState, create_model, create_train_state,
+from ddpm_jax.train_state import (TrainState, create_model, create_train_state, ema_decay_at,
                                   learning_rate_schedule, make_optimizer)
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def train_step(state: TrainState, x_start: jax.Array, *, model, schedule: Diffus
     applied = state.step - state.skipped_steps  # Adam's update count, as its schedule sees it
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = config.optim.ema_decay
+    decay = ema_decay_at(config, applied)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
 
     def if_finite(new, old):
@@ -261,7 +261,8 @@ class _Loop:
             sampling.ModelApply(self.model), state.ema_params, self.schedule,
             (c.data.image_size, c.data.image_size, c.data.channels),
             c.training.num_sample_images, seed=c.seed, sampler=c.sampling.sampler,
-            ddim_steps=c.sampling.ddim_steps, ddim_eta=c.sampling.ddim_eta, mesh=self.mesh)
+            ddim_steps=c.sampling.ddim_steps, ddim_eta=c.sampling.ddim_eta,
+            clip_denoised=c.sampling.clip_denoised, mesh=self.mesh)
         if jax.process_index() == 0:
             grid = images.make_grid(result.images, nrow=math.ceil(math.sqrt(len(result.images))))
             images.save_png(grid, epath.Path(self.workdir) / SAMPLES_SUBDIR

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from configs import tiny
-from ddpm_jax import checkpointing, images, train_state
+from ddpm_jax import checkpointing, images
 from tests import torch_ref_unet
+from tests.train_helpers import filled_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = 7
@@ -39,18 +40,7 @@ def workdir(tmp_path_factory):
     the network's initialisation, which takes XLA:CPU about a minute).
     """
     config = _tiny_config()
-    model = train_state.create_model(config)
-    shapes = jax.eval_shape(lambda key: train_state.create_train_state(
-        config, model, train_state.make_optimizer(config), key), jax.random.key(0))
-    rng = np.random.default_rng(0)
-
-    def fill(leaf):
-        if np.issubdtype(leaf.dtype, np.floating):
-            bound = 1.0 / np.sqrt(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 0.1
-            return rng.uniform(-bound, bound, leaf.shape).astype(leaf.dtype)
-        return np.zeros(leaf.shape, leaf.dtype)
-
-    state = jax.tree.map(fill, shapes)
+    state = filled_train_state(config)
     state = state.replace(step=np.int32(STEP),
                           ema_params=jax.tree.map(lambda p: 0.5 * p, state.params))
     directory = tmp_path_factory.mktemp("run")
@@ -90,6 +80,17 @@ def test_grid_gif_and_npz(workdir, tmp_path):
     raw = np.load(out / "raw.npz")["images"]
     assert raw.shape == samples.shape and np.abs(raw - samples).max() > 0.1
     assert Image.open(out / "raw.gif").n_frames == 3
+
+
+def test_clip_denoised_flag(workdir, tmp_path):
+    """--clip_denoised steps through x0 clipped to [-1, 1]: the images end in range."""
+    for flag, clipped in (("--clip_denoised", True), ("--noclip_denoised", False)):
+        done = _sample(f"--workdir={workdir}", "--num_images=4", "--sampler=ddim",
+                       "--ddim_steps=5", flag, f"--output={tmp_path}/grid.png",
+                       f"--save_npz={tmp_path}/samples.npz")
+        assert ("x0 clipped" in done.stdout) == clipped
+        samples = np.load(tmp_path / "samples.npz")["images"]
+        assert (np.abs(samples).max() <= 1.0) == clipped
 
 
 def test_torch_checkpoint(tmp_path):

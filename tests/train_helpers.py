@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from configs import tiny
-from ddpm_jax import checkpointing, parallel
+from ddpm_jax import checkpointing, parallel, train_state
 
 REPO = Path(__file__).resolve().parents[1]
 # Shared by the test processes and kept between test sessions (.cache/ is ignored by git):
@@ -134,3 +134,22 @@ def read_events(directory, local_copy: Path):
                 elif value.HasField("simple_value"):
                     scalars.setdefault(value.tag, {})[event.step] = value.simple_value
     return scalars, images
+
+
+def filled_train_state(config, seed: int = 0):
+    """A TrainState for `config` of numpy draws at PyTorch's initial scale, U(+-1/sqrt(fan_in))
+    (`create_train_state` would compile the network's initialisation, which takes XLA:CPU
+    about a minute); integer leaves and the optimizer's moments are zero."""
+    model = train_state.create_model(config)
+    shapes = jax.eval_shape(lambda key: train_state.create_train_state(
+        config, model, train_state.make_optimizer(config), key), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(leaf):
+        if np.issubdtype(leaf.dtype, np.floating):
+            bound = 1.0 / np.sqrt(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 0.1
+            return rng.uniform(-bound, bound, leaf.shape).astype(leaf.dtype)
+        return np.zeros(leaf.shape, leaf.dtype)
+
+    state = jax.tree.map(fill, shapes)
+    return state.replace(opt_state=jax.tree.map(np.zeros_like, state.opt_state))
