@@ -13,6 +13,13 @@ are printed, written as JSON to --output (default
 <workdir>/eval/step_<step>.json) and appended to <workdir>/eval/metrics.jsonl
 and TensorBoard (<workdir>/eval/tensorboard), apart from the training run's
 own metrics file, which a running training may still be writing.
+
+For a class-conditional model, sample quality is measured at each
+classifier-free guidance scale of --guidance (e.g. 0,1,2,4; default
+config.sampling.guidance), every class equally often and the same noise for
+every scale, with per-class class accuracy and Fréchet distances
+(`ddpm_jax.conditional_eval`); the curve over the scales is also drawn to
+--curve (default <workdir>/eval/guidance_step_<step>.png) and TensorBoard.
 """
 
 from ddpm_jax import cpu_defaults
@@ -25,7 +32,10 @@ import os  # noqa: E402
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from ddpm_jax import checkpointing, evaluation, parallel  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ddpm_jax import checkpointing, conditional_eval, evaluation, parallel  # noqa: E402
 from ddpm_jax.metrics_writer import MetricsWriter  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -51,6 +61,10 @@ flags.DEFINE_boolean("use_ema", True, "Evaluate the EMA parameters (else the raw
 flags.DEFINE_string("tfds_data_dir", None, "Override config.data.tfds_data_dir.")
 flags.DEFINE_string("manual_dir", None, "Override config.data.manual_dir.")
 flags.DEFINE_string("output", None, "JSON file of the results.")
+flags.DEFINE_list("guidance", None, "Conditional models: guidance scales to sweep, e.g. 0,1,2,4 "
+                  "(default: config.sampling.guidance).")
+flags.DEFINE_string("curve", None, "Conditional models: PNG of class accuracy and Fréchet "
+                    "distance over --guidance.")
 
 
 def _eval_config(config):
@@ -79,6 +93,21 @@ def _eval_config(config):
     return config
 
 
+def _guidances(evaluator):
+    """The --guidance scales of a conditional model ([] for an unconditional one)."""
+    if not evaluator.num_classes:
+        if FLAGS.guidance:
+            raise app.UsageError("--guidance needs a class-conditional model; this one is "
+                                 "unconditional (config.model.num_classes=0)")
+        return []
+    if not FLAGS.guidance:
+        return [evaluator.config.sampling.get("guidance", 0.0)]
+    try:
+        return conditional_eval.parse_guidance(FLAGS.guidance)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+
+
 def main(argv):
     del argv
     if not FLAGS.bpd_images and not FLAGS.fid_samples:
@@ -94,22 +123,39 @@ def main(argv):
         f"parameters) on {mesh.devices.size} device(s)")
     evaluator = evaluation.Evaluator(config, mesh, with_bpd=bool(FLAGS.bpd_images),
                                      with_sample_quality=bool(FLAGS.fid_samples))
-    scores = {}
+    guidances = _guidances(evaluator)
+    scores, sweep = {}, {}
     if FLAGS.bpd_images:
         scores.update(evaluator.bits_per_dim(params))
-    if FLAGS.fid_samples:
+    if FLAGS.fid_samples and guidances:
+        for w in guidances:
+            sweep[w] = evaluator.sample_quality(params, guidance=w)
+            say(f"step {step}: {evaluation.format_scores(sweep[w])}")
+        scores.update(sweep[guidances[0]])
+    elif FLAGS.fid_samples:
         scores.update(evaluator.sample_quality(params))
     say(f"step {step}: {evaluation.format_scores(scores)}")
 
     eval_dir = os.path.join(FLAGS.workdir, "eval")
     writer = MetricsWriter(eval_dir, enabled=primary, resume_step=step)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+    for w, w_scores in sweep.items():
+        writer.write_scalars(step, {f"eval_guidance_{w:g}/{k}": v for k, v in w_scores.items()})
+    curve = None
+    if primary and len(sweep) > 1 and "class_accuracy" in scores:
+        curve = FLAGS.curve or os.path.join(eval_dir, f"guidance_step_{step}.png")
+        conditional_eval.plot_guidance_curve(sweep, curve)
+        writer.write_image(step, "eval/guidance_curve", np.asarray(Image.open(curve)))
+        say(f"guidance curve: {curve}")
     writer.close()
     if primary:
         output = FLAGS.output or os.path.join(eval_dir, f"step_{step}.json")
         record = {"workdir": FLAGS.workdir, "step": step, "use_ema": FLAGS.use_ema,
                   "eval": config.eval.to_dict(), "sampling": config.sampling.to_dict(),
                   "scores": scores}
+        if sweep:
+            record["guidance_sweep"] = {f"{w:g}": s for w, s in sweep.items()}
+            record["guidance_curve"] = curve
         with open(output, "w") as f:
             json.dump(record, f, indent=1)
         logging.info("wrote %s", output)

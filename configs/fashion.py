@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
         convnext_mult=2,
         dropout=0.0,
         dtype="float32",           # compute dtype: float32 | bfloat16 (params stay float32)
+        num_classes=0,             # > 0: class-conditional (configs/fashion_cond.py)
     ))
 
     config.optim = ml_collections.ConfigDict(dict(
@@ -69,12 +70,14 @@ def get_config() -> ml_collections.ConfigDict:
         num_sample_images=16,
         nan_policy="skip",         # skip | stop: what a non-finite loss or gradient does
         compilation_cache_dir="~/.cache/ddpm_jax/xla",  # "" = off
+        label_dropout=0.1,         # conditional models: share of labels replaced by "no class"
     ))
 
     config.sampling = ml_collections.ConfigDict(dict(
         sampler="ddpm",            # ddpm | ddim
         ddim_steps=50,
         ddim_eta=0.0,
+        guidance=0.0,              # conditional models: classifier-free guidance scale w
     ))
 
     # Test-set bits/dim and sample quality every K steps (off by default).

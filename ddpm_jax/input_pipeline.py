@@ -61,7 +61,8 @@ class ArraySource:
 
     def read_labeled(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         if self.labels is None:
-            raise ValueError("this source has no labels (a folder of images has none)")
+            raise ValueError("this source has no labels (a folder of images has them only "
+                             "from class subfolders, with folder_labels=True)")
         indices = np.asarray(indices, dtype=np.int64)
         return self.images[indices], self.labels[indices].astype(np.int32)
 
@@ -97,21 +98,29 @@ def _decode_tfds_split(dataset_dir: str, split: str) -> ArraySource:
 def open_source(dataset: str, split: str = "train", *, image_size: int, channels: int,
                 data_dir: str | os.PathLike | None = None,
                 manual_dir: str | os.PathLike | None = None,
-                folder: str | os.PathLike | None = None, allow_download: bool = True) -> Source:
+                folder: str | os.PathLike | None = None, allow_download: bool = True,
+                folder_labels: bool = False) -> Source:
     """The `split` of `dataset` (one of DATASETS) as a source of image_size^2 x channels images.
 
     TFDS datasets are prepared on first use (see `datasets.prepare_tfds` for
     data_dir, manual_dir and allow_download) and must already have the
-    requested shape. 'folder' reads every image under `folder`, resized and
-    center-cropped; it has only a 'train' split and no labels.
+    requested shape; they have labels. 'folder' reads every image under
+    `folder`, resized and center-cropped; it has only a 'train' split, and
+    labels only with `folder_labels` (from the class subfolders,
+    `datasets.folder_labels`).
     """
     if dataset == "folder":
         if split != "train":
             raise ValueError(f"split={split!r}: a folder dataset has only the 'train' split")
         if not folder:
             raise ValueError("dataset 'folder' needs the image directory (config.data.folder)")
-        images, _ = datasets.load_folder(folder, image_size, channels)
-        return ArraySource(images)
+        paths = datasets.image_paths(folder)
+        labels = datasets.folder_labels(folder, paths) if folder_labels else None
+        images, skipped = datasets.load_folder(folder, image_size, channels)
+        if labels is not None:  # the labels of the images that could be read
+            skipped = set(skipped)
+            labels = labels[np.asarray([p not in skipped for p in paths], bool)]
+        return ArraySource(images, labels)
     if dataset not in DATASETS:
         raise ValueError(f"dataset={dataset!r} is unknown; choose one of {DATASETS}")
     builder = datasets.prepare_tfds(dataset, data_dir=data_dir, manual_dir=manual_dir,
@@ -177,14 +186,20 @@ def local_slice(global_batch_size: int, process_index: int, process_count: int) 
 
 
 def train_batch(source: Source, global_batch_size: int, seed: int, step: int, *,
-                random_flip: bool, process_index: int = 0, process_count: int = 1) -> np.ndarray:
-    """This process's part of the training batch at `step`: float32 [GB / P, H, W, C] in [-1, 1]."""
+                random_flip: bool, process_index: int = 0, process_count: int = 1,
+                labeled: bool = False):
+    """This process's part of the training batch at `step`: float32 [GB / P, H, W, C] in [-1, 1],
+    with `labeled` a tuple (images, int32 labels [GB / P])."""
     part = local_slice(global_batch_size, process_index, process_count)
-    images = source.read(global_batch_indices(len(source), global_batch_size, seed, step)[part])
+    indices = global_batch_indices(len(source), global_batch_size, seed, step)[part]
+    if labeled:
+        images, labels = source.read_labeled(indices)
+    else:
+        images = source.read(indices)
     if random_flip:
         flip = flip_mask(global_batch_size, seed, step)[part]
         images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-    return to_float(images)
+    return (to_float(images), labels) if labeled else to_float(images)
 
 
 def _check_seed_step(seed: int, step: int) -> None:
@@ -195,7 +210,8 @@ def _check_seed_step(seed: int, step: int) -> None:
 
 
 class TrainIterator:
-    """Endless `train_batch`es from `start_step` on, read ahead by a background thread.
+    """Endless `train_batch`es from `start_step` on, read ahead by a background thread
+    (with `labeled`, (images, labels) pairs).
 
     `next_step` is the step of the batch the next `next()` returns: save it
     with the training state and pass it back as `start_step` to resume.
@@ -205,7 +221,7 @@ class TrainIterator:
 
     def __init__(self, source: Source, global_batch_size: int, seed: int, *, random_flip: bool,
                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                 prefetch: int = 2):
+                 prefetch: int = 2, labeled: bool = False):
         if prefetch < 1:
             raise ValueError(f"prefetch={prefetch} must be at least 1")
         # Validates every argument here rather than in the thread.
@@ -214,7 +230,7 @@ class TrainIterator:
         self.next_step = start_step
         self._batch = lambda step: train_batch(
             source, global_batch_size, seed, step, random_flip=random_flip,
-            process_index=process_index, process_count=process_count)
+            process_index=process_index, process_count=process_count, labeled=labeled)
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(start_step,), daemon=True,
