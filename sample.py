@@ -128,7 +128,8 @@ def _check_request(config) -> None:
                                  ("nrow", _NROW.value, 1)):
         if value is not None and value < minimum:
             _fail(f"--{name} must be >= {minimum}, got {value}")
-    if not train_state.num_classes(config) and (_CLASS_LABEL.value or _GUIDANCE.value is not None):
+    conditional_flags = _CLASS_LABEL.value or _GUIDANCE.value is not None
+    if not train_state.num_classes(config) and conditional_flags:
         _fail("--class_label and --guidance need a class-conditional model; this one is "
               "unconditional (config.model.num_classes=0)")
     try:

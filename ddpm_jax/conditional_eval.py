@@ -5,12 +5,13 @@ For samples generated with known labels, the project's classifier
 k (`class_accuracy_k`; `class_accuracy` over all samples) and the Fréchet
 distance in its features is taken between the samples of class k and the
 held-out images of class k (`classifier_fd_k`; over all classes it is
-`evaluation.ClassifierScorer`'s `classifier_fd`). Swept over guidance scales w with the same seed (the same
-noise for every w), it shows the fidelity/diversity trade of classifier-free
-guidance: accuracy rises with w, the Fréchet distance falls, then rises
-again as the samples lose variety. The per-class distances come from fewer
-samples than the classifier has features, so they are biased upwards;
-compare them between scales and runs with equal sample counts only.
+`evaluation.ClassifierScorer`'s `classifier_fd`). Swept over guidance
+scales w with the same seed (the same noise for every w), it shows the
+fidelity/diversity trade of classifier-free guidance: accuracy rises with w,
+the Fréchet distance falls, then rises again as the samples lose variety.
+The per-class distances come from fewer samples than the classifier has
+features, so they are biased upwards; compare them between scales and runs
+with equal sample counts only.
 """
 from typing import Dict, Sequence
 

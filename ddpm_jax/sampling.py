@@ -21,7 +21,7 @@ minutes) to save less than one image per device per chunk.
 import dataclasses
 import math
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -39,7 +39,8 @@ SAMPLERS = ("ddpm", "ddim")
 # large enough to keep it busy.
 PIXELS_PER_DEVICE = 64 * 32 * 32
 
-ApplyFn = Callable[..., jnp.ndarray]  # (params, x, t) -> noise; conditional: (params, x, t, labels)
+# (params, x, t) -> noise; a class-conditional one also (params, x, t, labels) -> noise.
+ApplyFn = Callable[..., jnp.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)

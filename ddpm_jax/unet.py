@@ -31,7 +31,8 @@ from jax import lax
 
 from ddpm_jax import conv
 from ddpm_jax.embeddings import ClassEmbedding, SinusoidalPositionEmbeddings, check_labels
-from ddpm_jax.unet_checks import check_architecture, check_image_size, validate_unet_config  # noqa: F401
+from ddpm_jax.unet_checks import (  # noqa: F401 (validate_unet_config: re-exported)
+    check_architecture, check_image_size, validate_unet_config)
 
 GROUP_NORM_EPSILON = 1e-5  # PyTorch's; Flax defaults to 1e-6.
 
