@@ -228,11 +228,15 @@ def conditional_run(fashion_mnist_dirs, tmp_path_factory):
     return config, losses(workdir), state.params, state, workdir
 
 
-def test_conditional_resume_is_bitwise_exact(conditional_run, tmp_path):
+def test_conditional_resume_is_bitwise_exact_and_grids_show_a_row_per_class(conditional_run,
+                                                                           tmp_path):
     config, reference_losses, _, reference_state, _ = conditional_run
     first = config.copy_and_resolve_references()
     first.training.num_train_steps = STEPS // 2
+    first.training.sample_every, first.training.num_sample_images = STEPS // 2, 20
     training.train(first, str(tmp_path))
+    grid = Image.open(tmp_path / "samples" / f"step_{STEPS // 2:07d}.png")
+    assert grid.size == (2 + 2 * 30, 2 + 10 * 30)  # one row of two per class
     training.train(config, str(tmp_path))
     state, step = restored_state(tmp_path, config)
     assert step == STEPS
