@@ -14,6 +14,13 @@ are printed, written as JSON to --output (default
 and TensorBoard (<workdir>/eval/tensorboard), apart from the training run's
 own metrics file, which a running training may still be writing. The workdir
 and --output may be local paths or gs:// URLs.
+
+For a class-conditional model, sample quality is measured at each
+classifier-free guidance scale of --guidance (e.g. 0,1,2,4; default
+config.sampling.guidance), every class equally often and the same noise for
+every scale, with per-class class accuracy and Fréchet distances
+(`ddpm_jax.conditional_eval`); the curve over the scales is also drawn to
+--curve (default <workdir>/eval/guidance_step_<step>.png) and TensorBoard.
 """
 
 from ddpm_jax import cpu_defaults
@@ -26,7 +33,8 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 
-from ddpm_jax import checkpointing, evaluation, parallel, storage  # noqa: E402
+from ddpm_jax import (checkpointing, conditional_eval, evaluation, images, parallel,  # noqa: E402
+                      storage)
 from ddpm_jax.metrics_writer import MetricsWriter  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -54,6 +62,10 @@ flags.DEFINE_boolean("use_ema", True, "Evaluate the EMA parameters (else the raw
 flags.DEFINE_string("tfds_data_dir", None, "Override config.data.tfds_data_dir.")
 flags.DEFINE_string("manual_dir", None, "Override config.data.manual_dir.")
 flags.DEFINE_string("output", None, "JSON file of the results.")
+flags.DEFINE_list("guidance", None, "Conditional models: guidance scales to sweep, e.g. 0,1,2,4 "
+                  "(default: config.sampling.guidance).")
+flags.DEFINE_string("curve", None, "Conditional models: PNG of class accuracy and Fréchet "
+                    "distance over --guidance.")
 
 
 def _eval_config(config):
@@ -84,6 +96,21 @@ def _eval_config(config):
     return config
 
 
+def _guidances(evaluator):
+    """The --guidance scales of a conditional model ([] for an unconditional one)."""
+    if not evaluator.num_classes:
+        if FLAGS.guidance:
+            raise app.UsageError("--guidance needs a class-conditional model; this one is "
+                                 "unconditional (config.model.num_classes=0)")
+        return []
+    if not FLAGS.guidance:
+        return [evaluator.config.sampling.get("guidance", 0.0)]
+    try:
+        return conditional_eval.parse_guidance(FLAGS.guidance)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+
+
 def main(argv):
     del argv
     if not FLAGS.bpd_images and not FLAGS.fid_samples:
@@ -99,22 +126,40 @@ def main(argv):
         f"parameters) on {mesh.devices.size} device(s)")
     evaluator = evaluation.Evaluator(config, mesh, with_bpd=bool(FLAGS.bpd_images),
                                      with_sample_quality=bool(FLAGS.fid_samples))
-    scores = {}
+    guidances = _guidances(evaluator)
+    scores, sweep = {}, {}
     if FLAGS.bpd_images:
         scores.update(evaluator.bits_per_dim(params))
-    if FLAGS.fid_samples:
+    if FLAGS.fid_samples and guidances:
+        for w in guidances:
+            sweep[w] = evaluator.sample_quality(params, guidance=w)
+            say(f"step {step}: {evaluation.format_scores(sweep[w])}")
+        scores.update(sweep[guidances[0]])
+    elif FLAGS.fid_samples:
         scores.update(evaluator.sample_quality(params))
     say(f"step {step}: {evaluation.format_scores(scores)}")
 
     eval_dir = epath.Path(FLAGS.workdir) / "eval"
     writer = MetricsWriter(str(eval_dir), enabled=primary, resume_step=step)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+    for w, w_scores in sweep.items():
+        writer.write_scalars(step, {f"eval_guidance_{w:g}/{k}": v for k, v in w_scores.items()})
+    curve = None
+    if primary and len(sweep) > 1 and "class_accuracy" in scores:
+        curve = FLAGS.curve or str(eval_dir / f"guidance_step_{step}.png")
+        picture = conditional_eval.plot_guidance_curve(sweep)
+        images.save_png(picture, curve)
+        writer.write_image(step, "eval/guidance_curve", picture)
+        say(f"guidance curve: {curve}")
     writer.close()
     if primary:
         output = FLAGS.output or str(eval_dir / f"step_{step}.json")
         record = {"workdir": FLAGS.workdir, "step": step, "use_ema": FLAGS.use_ema,
                   "eval": config.eval.to_dict(), "sampling": config.sampling.to_dict(),
                   "scores": scores}
+        if sweep:
+            record["guidance_sweep"] = {f"{w:g}": s for w, s in sweep.items()}
+            record["guidance_curve"] = curve
         storage.write_encoded(output, lambda f: f.write(json.dumps(record, indent=1).encode()))
         logging.info("wrote %s", output)
         say(f"results: {output}")

@@ -4,6 +4,7 @@
     python sample.py --workdir=runs/fashion --sampler=ddim --ddim_steps=50 \\
         --gif=denoising.gif --gif_images=16 --save_npz=samples.npz
     python sample.py --torch_checkpoint=model.pt --config=configs/fashion.py
+    python sample.py --workdir=runs/fashion_cond --class_label=all --guidance=2
 
 --workdir samples the newest readable checkpoint of a training run (its EMA
 parameters unless --use_ema=false), with the config stored in it.
@@ -13,6 +14,11 @@ come from the config's `sampling` section; the flags override them. Images
 are a function of (--seed, image index): the same on any number of devices
 and with any --chunk_size. Every process of a multi-host run runs the same
 command; process 0 writes the files.
+
+A class-conditional model (config.model.num_classes > 0) takes --class_label
+(a class, a list, or 'all': one class per grid row; default 'all') and
+--guidance w (classifier-free guidance; default config.sampling.guidance);
+image i's noise does not depend on w, so grids of different w compare.
 """
 
 from ddpm_jax import cpu_defaults
@@ -57,6 +63,12 @@ _GIF_FRAMES = flags.DEFINE_integer("gif_frames", None, "At most this many GIF fr
                                    "spaced over the steps; default: one per step.")
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None, "Most images per compiled call (over all "
                                    "devices); default: sampling.default_chunk_size.")
+_CLASS_LABEL = flags.DEFINE_string(
+    "class_label", None, "Conditional models: a class K, a list 'K1,K2,...' or 'all' (an "
+    "equal number of each, one class per grid row); default 'all'.")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "Conditional models: the classifier-free "
+                               "guidance scale w (0 = plain conditional); default: "
+                               "config.sampling.guidance.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Must equal the model's trained image size "
                                    "if given (a check; the network serves only that size).")
 
@@ -107,7 +119,7 @@ def _load_torch():
 
 def _check_request(config) -> None:
     """Exit with the flag's name if the request cannot be served by this model."""
-    from ddpm_jax import sampling
+    from ddpm_jax import sampling, train_state
     if _IMAGE_SIZE.value is not None and _IMAGE_SIZE.value != config.data.image_size:
         _fail(f"--image_size={_IMAGE_SIZE.value}, but the model was trained on "
               f"{config.data.image_size}x{config.data.image_size} images "
@@ -119,6 +131,10 @@ def _check_request(config) -> None:
                                  ("nrow", _NROW.value, 1)):
         if value is not None and value < minimum:
             _fail(f"--{name} must be >= {minimum}, got {value}")
+    conditional_flags = _CLASS_LABEL.value or _GUIDANCE.value is not None
+    if not train_state.num_classes(config) and conditional_flags:
+        _fail("--class_label and --guidance need a class-conditional model; this one is "
+              "unconditional (config.model.num_classes=0)")
     try:
         sampling.check_sampler(config.diffusion.timesteps, _sampler_setting(config, "sampler"),
                                _sampler_setting(config, "ddim_steps"),
@@ -183,7 +199,18 @@ def main(argv):
     sampler, ddim_steps, ddim_eta, clip_denoised = (
         _sampler_setting(config, name)
         for name in ("sampler", "ddim_steps", "ddim_eta", "clip_denoised"))
-    num_images = _NUM_IMAGES.value
+    num_images, nrow, conditional = _NUM_IMAGES.value, _NROW.value, {}
+    num_classes = train_state.num_classes(config)
+    if num_classes:
+        try:
+            labels, per_row = sampling.class_labels(_CLASS_LABEL.value or "all", num_classes,
+                                                    num_images)
+        except ValueError as e:
+            _fail(f"--class_label: {e}")
+        guidance = (config.sampling.get("guidance", 0.0) if _GUIDANCE.value is None
+                    else _GUIDANCE.value)
+        conditional = dict(labels=labels, guidance=guidance)
+        num_images, nrow = len(labels), nrow or per_row
     gif_images = min(_GIF_IMAGES.value, num_images) if _GIF.value else 0
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     schedule = schedules.make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
@@ -201,6 +228,9 @@ def main(argv):
     if is_main:
         description = (f"ddim, {steps} steps, eta {ddim_eta}" if sampler == "ddim"
                        else f"ddpm, {steps} steps") + (", x0 clipped" if clip_denoised else "")
+        if conditional:
+            description += (f", classes {sorted(set(conditional['labels'].tolist()))}, "
+                            f"guidance {conditional['guidance']}")
         print(f"Sampling {num_images} images of {image_shape} ({description}) from {source} "
               f"on {jax.device_count()} {jax.devices()[0].platform} device(s), seed "
               f"{_SEED.value}", flush=True)
@@ -209,17 +239,18 @@ def main(argv):
         num_images, seed=_SEED.value, sampler=sampler, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
         clip_denoised=clip_denoised,
         trajectory_indices=range(gif_images), trajectory_frames=_GIF_FRAMES.value,
-        chunk_size=_CHUNK_SIZE.value, progress=report)
+        chunk_size=_CHUNK_SIZE.value, progress=report, **conditional)
     if not is_main:
         return
     written = []
     try:
-        nrow = _NROW.value or math.ceil(math.sqrt(num_images))
+        nrow = nrow or math.ceil(math.sqrt(num_images))
         height, width = images.save_grid(result.images, _OUTPUT.value, nrow=nrow)
         written.append(f"{_OUTPUT.value} ({width}x{height} px)")
         if _SAVE_NPZ.value:
             storage.write_encoded(_SAVE_NPZ.value, lambda f: np.savez(
-                f, images=result.images, seed=_SEED.value, sampler=sampler, steps=steps))
+                f, images=result.images, seed=_SEED.value, sampler=sampler, steps=steps,
+                **conditional))
             written.append(_SAVE_NPZ.value)
         if _GIF.value:
             frames = images.save_gif(result.trajectory, _GIF.value)

@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
         convnext_mult=2,
         dropout=0.0,
         dtype="float32",           # compute dtype: float32 | bfloat16 (params stay float32)
+        num_classes=0,             # > 0: class-conditional (configs/fashion_cond.py)
     ))
 
     config.optim = ml_collections.ConfigDict(dict(
@@ -77,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_sample_images=16,
         nan_policy="skip",         # skip | stop: what a non-finite loss or gradient does
         compilation_cache_dir="~/.cache/ddpm_jax/xla",  # "" = off
+        label_dropout=0.1,         # conditional models: share of labels replaced by "no class"
     ))
 
     config.sampling = ml_collections.ConfigDict(dict(
@@ -86,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
         # Step through the predicted x0 clipped to [-1, 1] (the DDPM paper's sampler);
         # False: the design's Equation 11 (docs/sample_quality.md has the measurements).
         clip_denoised=True,
+        guidance=0.0,              # conditional models: classifier-free guidance scale w
     ))
 
     # Test-set bits/dim and sample quality every K steps (off by default).

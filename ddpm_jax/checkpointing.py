@@ -35,6 +35,9 @@ MANIFEST = "manifest.json"
 # The fields that define what a checkpoint's network computes: a workdir
 # whose checkpoints differ in any of them belongs to another model.
 IDENTITY_FIELDS = ("model", "diffusion", "data.image_size", "data.channels")
+# Fields added after checkpoints were first written, with the value that older
+# checkpoints, which lack them, behaved as.
+LATER_FIELDS = {"model.num_classes": 0, "training.label_dropout": 0.1, "sampling.guidance": 0.0}
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ def config_differences(stored: Dict[str, Any], config) -> Tuple[List[str], List[
     """(identity differences, other differences) between a stored config and `config`,
     each as 'config.field: checkpoint X, now Y'."""
     old, new = _flatten(_json_ready(stored)), _flatten(_json_ready(config))
+    old = {**{k: v for k, v in LATER_FIELDS.items() if k in new}, **old}
     identity, other = [], []
     for key in sorted(set(old) | set(new)):
         if old.get(key, "<absent>") != new.get(key, "<absent>"):

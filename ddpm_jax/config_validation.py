@@ -10,11 +10,14 @@ import math
 import os
 from typing import Any, Iterable, List, Optional, Sequence
 
-from ddpm_jax import evaluation, unet
+from ddpm_jax import datasets, evaluation, unet
 from ddpm_jax.diffusion import LOSS_TYPES
 from ddpm_jax.sampling import SAMPLERS
 from ddpm_jax.schedules import BETA_SCHEDULES
 
+# Label counts of the TFDS datasets the configs use, checked before anything is opened; other
+# datasets' labels are checked when the training split is opened (training.open_train_source).
+TFDS_NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}
 MODEL_DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("skip", "stop")
 
@@ -27,13 +30,14 @@ FIELDS = {
                  "in_memory_max_bytes", "worker_count"),
         "diffusion": ("timesteps", "beta_schedule", "loss_type"),
         "model": ("dim", "init_dim", "dim_mults", "with_time_emb", "resnet_block_groups",
-                  "use_convnext", "convnext_mult", "dropout", "dtype"),
+                  "use_convnext", "convnext_mult", "dropout", "dtype", "num_classes"),
         "optim": ("learning_rate", "warmup_steps", "grad_clip_norm", "b1", "b2", "eps",
                   "ema_decay", "ema_warmup"),
         "training": ("batch_size", "num_train_steps", "num_epochs", "log_every",
                      "checkpoint_every", "keep_checkpoints", "sample_every",
-                     "num_sample_images", "nan_policy", "compilation_cache_dir"),
-        "sampling": ("sampler", "ddim_steps", "ddim_eta", "clip_denoised"),
+                     "num_sample_images", "nan_policy", "compilation_cache_dir",
+                     "label_dropout"),
+        "sampling": ("sampler", "ddim_steps", "ddim_eta", "clip_denoised", "guidance"),
 }
 
 
@@ -192,6 +196,7 @@ def _check_model(check: _Checker) -> None:
         check.integer("model.convnext_mult", minimum=1),
         check.number("model.dropout", minimum=0.0, maximum=1.0, exclusive_maximum=True),
         check.choice("model.dtype", MODEL_DTYPES),
+        check.integer("model.num_classes", minimum=0),
     ])
     if not _is_int_sequence(check.get("model.dim_mults")):
         check.error("model.dim_mults", "must be a non-empty tuple of positive integers, "
@@ -205,9 +210,35 @@ def _check_model(check: _Checker) -> None:
         unet.validate_unet_config(
             image_size, dim=model.dim, dim_mults=tuple(model.dim_mults), init_dim=model.init_dim,
             with_time_emb=model.with_time_emb, resnet_block_groups=model.resnet_block_groups,
-            use_convnext=model.use_convnext, dropout=model.dropout)
+            use_convnext=model.use_convnext, dropout=model.dropout,
+            num_classes=model.num_classes)
     except ValueError as e:
         check.errors.append(f"config.model (with config.data.image_size={image_size}): {e}")
+        return
+    _check_labels(check)
+
+
+def _check_labels(check: _Checker) -> None:
+    """A conditional model needs a dataset with exactly num_classes labels."""
+    num_classes, dataset = check.get("model.num_classes"), check.get("data.dataset")
+    if num_classes == 0:
+        return
+    if dataset in TFDS_NUM_CLASSES:
+        if num_classes != TFDS_NUM_CLASSES[dataset]:
+            check.error("model.num_classes", f"{dataset} has {TFDS_NUM_CLASSES[dataset]} "
+                                             f"classes: set {TFDS_NUM_CLASSES[dataset]}, or 0 "
+                                             f"for an unconditional model")
+    elif dataset == "folder" and os.path.isdir(os.path.expanduser(check.get("data.folder"))):
+        classes = datasets.folder_classes(check.get("data.folder"))
+        if not classes:
+            check.error("model.num_classes", f"the image folder {check.get('data.folder')} "
+                                             f"has no class subfolders to take labels from "
+                                             f"(one subfolder per class, as torchvision's "
+                                             f"ImageFolder); set 0 for an unconditional model")
+        elif num_classes != len(classes):
+            check.error("model.num_classes", f"the image folder has {len(classes)} class "
+                                             f"subfolders {classes[:10]}: set {len(classes)}, "
+                                             f"or 0 for an unconditional model")
 
 
 def _check_optim(check: _Checker) -> None:
@@ -243,6 +274,7 @@ def _check_training(check: _Checker, num_devices: int, process_count: int) -> No
     check.integer("training.num_sample_images", minimum=1)
     check.choice("training.nan_policy", NAN_POLICIES)
     check.string("training.compilation_cache_dir")
+    check.number("training.label_dropout", minimum=0.0, maximum=1.0)
 
 
 def _check_sampling(check: _Checker) -> None:
@@ -254,6 +286,7 @@ def _check_sampling(check: _Checker) -> None:
     check.integer("sampling.ddim_steps", minimum=1, maximum=maximum)
     check.number("sampling.ddim_eta", minimum=0.0)
     check.boolean("sampling.clip_denoised")
+    check.number("sampling.guidance")
 
 
 def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> None:

@@ -204,6 +204,34 @@ def to_image_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
 
 
+def image_paths(folder: str | os.PathLike) -> list[Path]:
+    """The image files under `folder`, recursively, sorted: the order of `load_folder`."""
+    root = Path(folder).expanduser()
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def folder_classes(folder: str | os.PathLike) -> list[str]:
+    """The class names of an image folder, torchvision ImageFolder's rule: its subfolders'
+    names, sorted; class k is the k-th. Images directly in `folder` belong to none."""
+    root = Path(folder).expanduser()
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+
+
+def folder_labels(folder: str | os.PathLike, paths: list[Path]) -> np.ndarray:
+    """int32 class labels of image `paths` under `folder` (see `folder_classes`); raises
+    ValueError naming an image that lies in no class subfolder."""
+    root = Path(folder).expanduser()
+    index = {name: k for k, name in enumerate(folder_classes(root))}
+    labels = []
+    for path in paths:
+        parts = path.relative_to(root).parts
+        if len(parts) < 2 or parts[0] not in index:
+            raise ValueError(f"{path} lies in no class subfolder of {root}: a conditional "
+                             f"model takes labels from the subfolders (one per class)")
+        labels.append(index[parts[0]])
+    return np.asarray(labels, np.int32)
+
+
 def load_folder(folder: str | os.PathLike, image_size: int, channels: int
                 ) -> tuple[np.ndarray, list[Path]]:
     """All images under `folder` (recursively, sorted by path) as uint8 [N, S, S, C].
@@ -221,7 +249,7 @@ def load_folder(folder: str | os.PathLike, image_size: int, channels: int
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} (config.data.folder) is not a directory")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    paths = image_paths(root)
     images, skipped = [], []
     for path in paths:
         try:

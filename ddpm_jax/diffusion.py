@@ -15,6 +15,8 @@ import numpy as np
 from ddpm_jax.schedules import DiffusionSchedule
 
 DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+# A class-conditional network: (x, t, int labels [B]) -> predicted noise.
+ConditionalDenoiseFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 LOSS_TYPES = ("l1", "l2", "huber")
 
@@ -51,6 +53,22 @@ def p_losses(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x_start, t, noi
     """The training loss of Algorithm 1 for given timesteps and noise."""
     x_noisy = q_sample(schedule, x_start, t, noise)
     return loss_fn(noise, denoise_fn(x_noisy, t), loss_type)
+
+
+def guided_denoise_fn(denoise_fn: ConditionalDenoiseFn, null_label: int, guidance
+                      ) -> ConditionalDenoiseFn:
+    """Classifier-free guidance (Ho & Salimans 2022) of a conditional network:
+    eps = (1 + w) eps(x, c) - w eps(x, none), w = `guidance` (0: plain conditional).
+
+    Both passes are one call of `denoise_fn` on the batch twice over (labels,
+    then `null_label`), so the samplers' steps take the result as any `DenoiseFn`.
+    """
+    def denoise(x, t, labels):
+        batch = x.shape[0]
+        eps = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                         jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
+        return (1 + guidance) * eps[:batch] - guidance * eps[batch:]
+    return denoise
 
 
 def predict_start_from_noise(schedule: DiffusionSchedule, x_t, t, noise):

@@ -29,8 +29,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from ddpm_jax import (classifier, fid, inception, input_pipeline, likelihood, parallel, sampling,
-                      train_state)
+from ddpm_jax import (classifier, conditional_eval, fid, inception, input_pipeline, likelihood,
+                      parallel, sampling, train_state)
 from ddpm_jax.schedules import DiffusionSchedule, make_schedule
 
 log = logging.getLogger(__name__)
@@ -199,12 +199,15 @@ class InceptionScorer:
 # --- During training and by command ---------------------------------------------------------
 
 def load_split_images(config, split: str, num_images: Optional[int],
-                      split_field: str = "config.eval.split") -> np.ndarray:
-    """The first `num_images` (None: all) images of `split` of the config's dataset, [-1, 1]."""
+                      split_field: str = "config.eval.split", labeled: bool = False):
+    """The first `num_images` (None: all) images of `split` of the config's dataset, [-1, 1];
+    with `labeled`, (images, int32 labels)."""
     source = input_pipeline.open_config_source(config.data, split, split_field)
     if num_images is not None and num_images > len(source):
         raise ValueError(f"{num_images} images were asked of split {split!r}, which has "
                          f"{len(source)}")
+    if labeled:
+        return input_pipeline.load_labeled(source, num_images)
     return np.concatenate(list(input_pipeline.eval_batches(source, 1000, num_images)))
 
 
@@ -230,6 +233,8 @@ class Evaluator:
         self.fid_enabled = e.fid_every > 0 if with_sample_quality is None else with_sample_quality
         self.schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
         self.apply_fn = sampling.ModelApply(train_state.create_model(config))
+        self.num_classes = train_state.num_classes(config)
+        self.class_scorer = None  # a conditional model's per-class scores
         self.bpd_images = (load_split_images(config, e.split, e.bpd_num_images)
                            if self.bpd_enabled else None)
         self.scorers = []
@@ -239,8 +244,13 @@ class Evaluator:
                                  "with `python train_classifier.py --output_dir=DIR`) and/or "
                                  "config.eval.inception_weights (pytorch-fid's .pth file)")
             if e.classifier_dir:
-                reference = load_split_images(config, e.split, e.fid_reference_images or None)
+                reference = load_split_images(config, e.split, e.fid_reference_images or None,
+                                              labeled=bool(self.num_classes))
+                reference, labels = reference if self.num_classes else (reference, None)
                 self.scorers.append(ClassifierScorer(e.classifier_dir, reference))
+                if self.num_classes:
+                    self.class_scorer = conditional_eval.ConditionalScorer(
+                        e.classifier_dir, reference, labels)
             if e.inception_weights:
                 train_images = (None if e.inception_reference_stats else load_split_images(
                     config, config.data.train_split, e.fid_reference_images or None,
@@ -255,19 +265,30 @@ class Evaluator:
                                  mesh=self.mesh, seed=e.seed, batch_size=e.bpd_batch_size)
         return summarize_bpd(per_image)
 
-    def sample_quality(self, params, num_samples: Optional[int] = None) -> Dict[str, float]:
+    def sample_quality(self, params, num_samples: Optional[int] = None,
+                       guidance: Optional[float] = None) -> Dict[str, float]:
+        """Scores of `num_samples` samples; a conditional model's are of every class equally
+        often, guided by `guidance` (default config.sampling.guidance), with class scores."""
         c = self.config
         n = c.eval.fid_num_samples if num_samples is None else num_samples
+        scores, conditional = {"fid_num_samples": n}, {}
+        if self.num_classes:
+            guidance = c.sampling.get("guidance", 0.0) if guidance is None else guidance
+            conditional = dict(labels=conditional_eval.balanced_labels(n, self.num_classes),
+                               guidance=guidance)
+            scores["guidance"] = guidance
         result = sampling.generate(
             self.apply_fn, params, self.schedule,
             (c.data.image_size, c.data.image_size, c.data.channels), n, seed=c.eval.seed,
             sampler=c.sampling.sampler, ddim_steps=c.sampling.ddim_steps,
             ddim_eta=c.sampling.ddim_eta,
-            clip_denoised=sampling.clip_denoised_setting(c.sampling), mesh=self.mesh)
+            clip_denoised=sampling.clip_denoised_setting(c.sampling), mesh=self.mesh,
+            **conditional)
         samples = quantize(result.images)
-        scores = {"fid_num_samples": n}
         for scorer in self.scorers:
             scores.update(scorer(samples))
+        if self.class_scorer is not None:
+            scores.update(self.class_scorer(samples, conditional["labels"]))
         return scores
 
     def _bpd_due(self, step: int) -> bool:
@@ -304,6 +325,9 @@ def format_scores(scores: Dict[str, Any]) -> str:
     if "inception_fid" in scores:
         parts.append(f"Inception FID {scores['inception_fid']:.3f} "
                      f"({scores['fid_num_samples']} samples)")
+    if "class_accuracy" in scores:
+        parts.append(f"guidance {scores['guidance']:g}: class accuracy "
+                     f"{scores['class_accuracy']:.3f}")
     if "classifier_fd" in scores:
         parts.append(f"classifier FD {scores['classifier_fd']:.4f} "
                      f"({scores['fid_num_samples']} samples; class entropy "

@@ -60,7 +60,8 @@ class ArraySource:
 
     def read_labeled(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         if self.labels is None:
-            raise ValueError("this source has no labels (a folder of images has none)")
+            raise ValueError("this source has no labels (a folder of images has them only "
+                             "from class subfolders, with folder_labels=True)")
         indices = np.asarray(indices, dtype=np.int64)
         return self.images[indices], self.labels[indices].astype(np.int32)
 
@@ -94,12 +95,13 @@ def open_source(dataset: str, split: str = "train", *, image_size: int, channels
                 manual_dir: str | os.PathLike | None = None,
                 folder: str | os.PathLike | None = None, allow_download: bool = True,
                 image_key: str = "image", in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES,
-                split_field: str = "split") -> Source:
+                split_field: str = "split", folder_labels: bool = False) -> Source:
     """The `split` of `dataset` as a source of image_size^2 x channels images.
 
     dataset: any TFDS name ('cifar10', 'lsun/church_outdoor', 'imagenet_resized/64x64', a
       builder prepared in data_dir), or 'folder' for every image under `folder` (one
-      'train' split, no labels). TFDS datasets are prepared on first use (see
+      'train' split; labels only with `folder_labels`, from the class subfolders,
+      `datasets.folder_labels`). TFDS datasets are prepared on first use (see
       `datasets.prepare_tfds` for data_dir, manual_dir and allow_download); `image_key` names
       their image feature, `split` is a TFDS split string ('train[:90%]'). Images of another
       size or mode are converted, resized and center-cropped like a folder's.
@@ -113,8 +115,13 @@ def open_source(dataset: str, split: str = "train", *, image_size: int, channels
             raise ValueError(f"split={split!r}: a folder dataset has only the 'train' split")
         if not folder:
             raise ValueError("dataset 'folder' needs the image directory (config.data.folder)")
-        images, _ = datasets.load_folder(folder, image_size, channels)
-        return ArraySource(images)
+        paths = datasets.image_paths(folder)
+        labels = datasets.folder_labels(folder, paths) if folder_labels else None
+        images, skipped = datasets.load_folder(folder, image_size, channels)
+        if labels is not None:  # the labels of the images that could be read
+            skipped = set(skipped)
+            labels = labels[np.asarray([p not in skipped for p in paths], bool)]
+        return ArraySource(images, labels)
     builder = datasets.prepare_tfds(dataset, data_dir=data_dir, manual_dir=manual_dir,
                                     allow_download=allow_download)
     source = datasets.tfds_source(builder, split, image_key=image_key, image_size=image_size,
@@ -122,7 +129,8 @@ def open_source(dataset: str, split: str = "train", *, image_size: int, channels
     return _decode_tfds_split(source) if source.decoded_bytes <= in_memory_max_bytes else source
 
 
-def open_config_source(data, split: str, split_field: str) -> Source:
+def open_config_source(data, split: str, split_field: str, folder_labels: bool = False
+                       ) -> Source:
     """`open_source` of `split` of the dataset that config.data (`data`) describes (the
     config of a checkpoint written before image_key and in_memory_max_bytes existed too)."""
     return open_source(
@@ -130,7 +138,13 @@ def open_config_source(data, split: str, split_field: str) -> Source:
         data_dir=data.tfds_data_dir or None, manual_dir=data.manual_dir or None,
         folder=data.folder or None, image_key=data.get("image_key", "image"),
         in_memory_max_bytes=data.get("in_memory_max_bytes", IN_MEMORY_MAX_BYTES),
-        split_field=split_field)
+        split_field=split_field, folder_labels=folder_labels)
+
+
+def has_labels(source: Source) -> bool:
+    """Whether `source.read_labeled` has labels to return (an in-memory or a streamed split)."""
+    return (getattr(source, "labels", None) is not None
+            or getattr(source, "label_key", None) is not None)
 
 
 def to_float(images: np.ndarray) -> np.ndarray:
@@ -197,10 +211,14 @@ def train_images(source: Source, global_batch_size: int, seed: int, step: int, *
 
 
 def train_batch(source: Source, global_batch_size: int, seed: int, step: int, *,
-                random_flip: bool, process_index: int = 0, process_count: int = 1) -> np.ndarray:
-    """This process's part of the training batch at `step`: float32 [GB / P, H, W, C] in [-1, 1]."""
-    return to_float(train_images(source, global_batch_size, seed, step, random_flip=random_flip,
-                                 process_index=process_index, process_count=process_count))
+                random_flip: bool, process_index: int = 0, process_count: int = 1,
+                with_labels: bool = False):
+    """This process's part of the training batch at `step`: float32 [GB / P, H, W, C] in [-1, 1],
+    with `with_labels` a tuple (images, int32 labels [GB / P])."""
+    batch = train_images(source, global_batch_size, seed, step, random_flip=random_flip,
+                         process_index=process_index, process_count=process_count,
+                         with_labels=with_labels)
+    return (to_float(batch[0]), batch[1]) if with_labels else to_float(batch)
 
 
 def _check_seed_step(seed: int, step: int) -> None:
@@ -211,7 +229,8 @@ def _check_seed_step(seed: int, step: int) -> None:
 
 
 class TrainIterator:
-    """Endless `train_batch`es from `start_step` on, read ahead by a background thread.
+    """Endless `train_batch`es from `start_step` on, read ahead by a background thread
+    (with `with_labels`, (images, labels) pairs).
 
     `next_step` is the step of the batch the next `next()` returns: save it
     with the training state and pass it back as `start_step` to resume.
@@ -221,7 +240,7 @@ class TrainIterator:
 
     def __init__(self, source: Source, global_batch_size: int, seed: int, *, random_flip: bool,
                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                 prefetch: int = 2):
+                 prefetch: int = 2, with_labels: bool = False):
         if prefetch < 1:
             raise ValueError(f"prefetch={prefetch} must be at least 1")
         # Validates every argument here rather than in the thread.
@@ -230,7 +249,7 @@ class TrainIterator:
         self.next_step = start_step
         self._batch = lambda step: train_batch(
             source, global_batch_size, seed, step, random_flip=random_flip,
-            process_index=process_index, process_count=process_count)
+            process_index=process_index, process_count=process_count, with_labels=with_labels)
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(start_step,), daemon=True,

@@ -21,7 +21,7 @@ minutes) to save less than one image per device per chunk.
 import dataclasses
 import math
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -30,7 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ddpm_jax import diffusion, parallel
+from ddpm_jax import diffusion, embeddings, parallel
 from ddpm_jax.schedules import DiffusionSchedule
 
 SAMPLERS = ("ddpm", "ddim")
@@ -39,7 +39,8 @@ SAMPLERS = ("ddpm", "ddim")
 # large enough to keep it busy.
 PIXELS_PER_DEVICE = 64 * 32 * 32
 
-ApplyFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (params, x, t) -> noise
+# (params, x, t) -> noise; a class-conditional one also (params, x, t, labels) -> noise.
+ApplyFn = Callable[..., jnp.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +48,20 @@ class ModelApply:
     """`(params, x, t) -> predicted noise` of a Flax network in inference mode.
 
     Hashable by the module's fields, so that `generate` calls with equal
-    networks reuse one compilation.
+    networks reuse one compilation. A class-conditional network also takes
+    int labels [B] (`num_classes` of them, and `num_classes` for "no class");
+    without labels it predicts for "no class" (e.g. for bits/dim).
     """
     model: nn.Module
 
-    def __call__(self, params, x, t):
-        return self.model.apply({"params": params}, x, t, train=False)
+    @property
+    def num_classes(self) -> int:
+        return getattr(self.model, "num_classes", 0)
+
+    def __call__(self, params, x, t, labels=None):
+        if labels is None and self.num_classes:
+            labels = jnp.full(x.shape[:1], embeddings.null_label(self.num_classes), jnp.int32)
+        return self.model.apply({"params": params}, x, t, labels, train=False)
 
 
 def check_sampler(num_timesteps: int, sampler: str, ddim_steps: int, ddim_eta: float) -> None:
@@ -102,8 +111,12 @@ def image_keys(seed, indices) -> jax.Array:
 def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, keys: jax.Array,
                  image_shape: Tuple[int, int, int], sampler: str = "ddpm", ddim_steps: int = 50,
                  ddim_eta=0.0, trajectory_positions: Optional[jnp.ndarray] = None,
-                 frame_steps: Optional[Sequence[int]] = None, clip_denoised: bool = False):
+                 frame_steps: Optional[Sequence[int]] = None, clip_denoised: bool = False,
+                 labels: Optional[jnp.ndarray] = None):
     """Images x_0 [B, H, W, C] for per-image keys [B], as one `lax.scan` over the steps.
+
+    With int `labels` [B], `denoise_fn` is conditional, `(x, t, labels) -> noise`
+    (e.g. `diffusion.guided_denoise_fn`), and image b is generated with labels[b].
 
     Image b equals, up to float rounding, `p_sample_loop(schedule, denoise_fn,
     (1, *image_shape), keys[b])` (or `ddim_sample_loop`): the same key splits,
@@ -122,16 +135,16 @@ def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, k
         ts = np.arange(schedule.num_timesteps - 1, -1, -1, dtype=np.int32)
         t_prevs = ts - 1
 
-        def update(x_one, t, t_prev, key):
+        def update(denoise, x_one, t, t_prev, key):
             del t_prev
-            return diffusion.p_sample(schedule, denoise_fn, x_one, jnp.full((1,), t, jnp.int32),
+            return diffusion.p_sample(schedule, denoise, x_one, jnp.full((1,), t, jnp.int32),
                                       key, clip_denoised)
     else:
         ts = diffusion.ddim_timesteps(schedule.num_timesteps, ddim_steps)
         t_prevs = np.concatenate([ts[1:], [-1]]).astype(np.int32)
 
-        def update(x_one, t, t_prev, key):
-            return diffusion.ddim_step(schedule, denoise_fn, x_one, t, t_prev, ddim_eta, key,
+        def update(denoise, x_one, t, t_prev, key):
+            return diffusion.ddim_step(schedule, denoise, x_one, t, t_prev, ddim_eta, key,
                                        clip_denoised)
 
     frame_steps = range(len(ts)) if frame_steps is None else frame_steps
@@ -143,8 +156,8 @@ def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, k
     def step(carry, inputs):
         x, frames = carry
         t, t_prev, frame = inputs
-        x = jax.vmap(lambda x_one, k: update(x_one, t, t_prev, jax.random.fold_in(k, t)))(
-            x, loop_keys)
+        x = jax.vmap(lambda x_one, k, y: update(_with_label(denoise_fn, y), x_one, t, t_prev,
+                                                jax.random.fold_in(k, t)))(x, loop_keys, labels)
         if frames is not None:
             slot = jnp.maximum(frame, 0)
             frames = frames.at[slot].set(
@@ -156,13 +169,26 @@ def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, k
     return x[:, 0], frames
 
 
-def _sample_chunk(params, schedule, seed, indices, trajectory_positions, ddim_eta, *,
-                  apply_fn, image_shape, sampler, ddim_steps, frame_steps, mesh,
+def _with_label(denoise_fn, label):
+    """One image's `DenoiseFn`: the conditional `denoise_fn` with its label (unless None)."""
+    if label is None:
+        return denoise_fn
+    return lambda x, t: denoise_fn(x, t, label[None])
+
+
+def _sample_chunk(params, schedule, seed, indices, trajectory_positions, ddim_eta, labels,
+                  guidance, *, apply_fn, image_shape, sampler, ddim_steps, frame_steps, mesh,
                   clip_denoised=False):
-    """One chunk: the images of global `indices` (sharded over 'data'), x_0 and trajectory."""
+    """One chunk: the images of global `indices` (sharded over 'data'), x_0 and trajectory;
+    with `labels` guided by `guidance` (`diffusion.guided_denoise_fn`)."""
+    if labels is None:
+        denoise_fn = lambda x, t: apply_fn(params, x, t)  # noqa: E731
+    else:
+        denoise_fn = diffusion.guided_denoise_fn(
+            lambda x, t, y: apply_fn(params, x, t, y), apply_fn.num_classes, guidance)
     images, trajectory = sample_batch(
-        schedule, lambda x, t: apply_fn(params, x, t), image_keys(seed, indices), image_shape,
-        sampler, ddim_steps, ddim_eta, trajectory_positions, frame_steps, clip_denoised)
+        schedule, denoise_fn, image_keys(seed, indices), image_shape,
+        sampler, ddim_steps, ddim_eta, trajectory_positions, frame_steps, clip_denoised, labels)
     images = jax.lax.with_sharding_constraint(images, parallel.batch_sharded(mesh))
     if trajectory is not None:
         trajectory = jax.lax.with_sharding_constraint(trajectory, parallel.replicated(mesh))
@@ -241,6 +267,46 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def class_labels(spec: str, num_classes: int, num_images: int) -> Tuple[np.ndarray, int]:
+    """(labels, images per grid row) for a `--class_label` request: 'K' (all images of class
+    K), 'K1,K2,...' or 'all' (num_images // classes of each listed class, at least one, one
+    class per row). ValueError names what a model of `num_classes` classes accepts."""
+    if not num_classes:
+        raise ValueError("the model is unconditional (config.model.num_classes=0): it takes no "
+                         "class label")
+    valid = f"a class in 0..{num_classes - 1}, a comma-separated list of them, or 'all'"
+    if spec.strip() == "all":
+        classes = list(range(num_classes))
+    else:
+        try:
+            classes = [int(part) for part in spec.split(",")]
+        except ValueError:
+            raise ValueError(f"{spec!r} is not {valid}") from None
+    if not classes or any(not 0 <= k < num_classes for k in classes):
+        raise ValueError(f"{spec!r} is not {valid}")
+    if len(classes) == 1:
+        return np.full(num_images, classes[0], np.int32), math.ceil(math.sqrt(num_images))
+    per_class = max(1, num_images // len(classes))
+    return np.repeat(np.asarray(classes, np.int32), per_class), per_class
+
+
+def _check_labels(labels, num_images: int, num_classes: int) -> Optional[np.ndarray]:
+    """`labels` as int32 [num_images], or None; ValueError for a request the network cannot
+    serve."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if not num_classes:
+        raise ValueError("labels were given, but the network is unconditional (num_classes=0)")
+    if labels.shape != (num_images,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be {num_images} ints (one per image), got "
+                         f"{labels.dtype} {labels.shape}")
+    if labels.min() < 0 or labels.max() > num_classes:
+        raise ValueError(f"labels must be in [0, {num_classes - 1}] (or {num_classes}: no "
+                         f"class), got {sorted(set(labels.tolist()))[:20]}")
+    return labels.astype(np.int32)
+
+
 def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
              image_shape: Sequence[int], num_images: int, *, seed: int = 0,
              sampler: str = "ddpm", ddim_steps: int = 50, ddim_eta: float = 0.0,
@@ -248,7 +314,8 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
              trajectory_indices: Sequence[int] = (), trajectory_frames: Optional[int] = None,
              chunk_size: Optional[int] = None,
              mesh: Optional[Mesh] = None,
-             progress: Optional[Callable[[Progress], None]] = None) -> SampleResult:
+             progress: Optional[Callable[[Progress], None]] = None,
+             labels: Optional[Sequence[int]] = None, guidance: float = 0.0) -> SampleResult:
     """`num_images` samples of the network `apply_fn(params, x, t)`, on every device of `mesh`.
 
     Args:
@@ -264,6 +331,9 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
       chunk_size: most images per compiled call; None: `default_chunk_size`.
       mesh: a 1-D mesh with axis 'data'; None: all devices.
       progress: called on the host after each chunk.
+      labels: a class-conditional apply_fn's class of each image ([num_images], in
+        0..apply_fn.num_classes, the last meaning "no class"); image i's noise is the
+        same whatever the labels and `guidance`, the classifier-free guidance scale w.
     """
     image_shape = tuple(int(s) for s in image_shape)
     if len(image_shape) != 3:
@@ -275,6 +345,7 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
     if any(not 0 <= i < num_images for i in trajectory_indices):
         raise ValueError(f"trajectory_indices must be in [0, num_images={num_images}), "
                          f"got {trajectory_indices}")
+    labels = _check_labels(labels, num_images, getattr(apply_fn, "num_classes", 0))
     num_steps = num_sampling_steps(schedule.num_timesteps, sampler, ddim_steps)
     # Static (part of the compiled program): only when a trajectory is kept.
     frame_steps = trajectory_steps(num_steps, trajectory_frames) if trajectory_indices else ()
@@ -286,6 +357,7 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
     put = lambda tree: jax.device_put(tree, parallel.replicated(mesh))  # noqa: E731
     params, schedule = put(params), put(schedule)
     seed_array, eta = put(np.int32(seed)), put(np.float32(ddim_eta))
+    guidance_array = None if labels is None else put(np.float32(guidance))
     wanted = np.asarray(trajectory_indices, np.int64)
 
     def chunk_inputs(chunk: int):
@@ -295,13 +367,19 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
         # Every chunk returns len(wanted) frames; those of images in other chunks are dropped.
         positions = (put(np.clip(wanted - start, 0, plan.chunk_size - 1).astype(np.int32))
                      if len(wanted) else None)
-        return indices, positions
+        chunk_labels = None
+        if labels is not None:  # the padding past num_images gets class 0 and is dropped
+            chunk_labels = np.zeros(plan.chunk_size, np.int32)
+            mine = labels[start:start + plan.chunk_size]
+            chunk_labels[:len(mine)] = mine
+            chunk_labels = jax.device_put(chunk_labels, parallel.batch_sharded(mesh))
+        return indices, positions, eta, chunk_labels, guidance_array
 
     static = dict(apply_fn=apply_fn, image_shape=image_shape, sampler=sampler,
                   ddim_steps=ddim_steps if sampler == "ddim" else 0, frame_steps=frame_steps,
                   mesh=mesh, clip_denoised=bool(clip_denoised))
     start_compile = time.perf_counter()
-    compiled = _sample_chunk_jit.lower(params, schedule, seed_array, *chunk_inputs(0), eta,
+    compiled = _sample_chunk_jit.lower(params, schedule, seed_array, *chunk_inputs(0),
                                        **static).compile()
     compile_s = time.perf_counter() - start_compile
 
@@ -326,7 +404,7 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
     # Dispatch chunk c + 1 before copying chunk c to the host, so devices never wait.
     pending = None
     for chunk in range(plan.num_chunks):
-        outputs = compiled(params, schedule, seed_array, *chunk_inputs(chunk), eta)
+        outputs = compiled(params, schedule, seed_array, *chunk_inputs(chunk))
         if pending is not None:
             collect(*pending)
         pending = (chunk, outputs)

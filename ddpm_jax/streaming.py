@@ -17,7 +17,6 @@ import signal
 import sys
 
 import grain
-import numpy as np
 
 from ddpm_jax import input_pipeline
 

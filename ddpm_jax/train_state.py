@@ -40,7 +40,13 @@ def create_model(config) -> Unet:
     return Unet(dim=m.dim, init_dim=m.init_dim, dim_mults=tuple(m.dim_mults),
                 channels=config.data.channels, with_time_emb=m.with_time_emb,
                 resnet_block_groups=m.resnet_block_groups, use_convnext=m.use_convnext,
-                convnext_mult=m.convnext_mult, dropout=m.dropout, dtype=DTYPES[m.dtype])
+                convnext_mult=m.convnext_mult, dropout=m.dropout, dtype=DTYPES[m.dtype],
+                num_classes=num_classes(config))
+
+
+def num_classes(config) -> int:
+    """config.model.num_classes; 0 (unconditional) for checkpoints older than the field."""
+    return config.model.get("num_classes", 0)
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -87,8 +93,9 @@ def create_train_state(config, model: Unet, optimizer: optax.GradientTransformat
     """
     init_key, rng = jax.random.split(key)
     size, channels = config.data.image_size, config.data.channels
+    labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
     params = model.init(init_key, jnp.zeros((1, size, size, channels), jnp.float32),
-                        jnp.zeros((1,), jnp.int32))["params"]
+                        jnp.zeros((1,), jnp.int32), labels)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       ema_params=jax.tree.map(jnp.copy, params),
                       opt_state=optimizer.init(params), rng=jax.random.key_data(rng),

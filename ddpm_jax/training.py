@@ -29,17 +29,18 @@ import numpy as np
 import optax
 from etils import epath
 
-from ddpm_jax import (checkpointing, config_validation, datasets, diffusion, evaluation, images,
-                      input_pipeline, parallel, sampling, streaming)
+from ddpm_jax import (checkpointing, config_validation, datasets, diffusion, embeddings,
+                      evaluation, images, input_pipeline, parallel, sampling, streaming)
 from ddpm_jax.metrics_writer import SAMPLES_SUBDIR, ConsoleReporter, MetricsWriter
 from ddpm_jax.schedules import DiffusionSchedule, make_schedule
 from ddpm_jax.train_state import (TrainState, create_model, create_train_state, ema_decay_at,
-                                  learning_rate_schedule, make_optimizer)
+                                  learning_rate_schedule, make_optimizer, num_classes)
 
 log = logging.getLogger(__name__)
 
-# Makes an iterator of this process's batches (float32 [B / P, H, W, C]) from a
-# source, starting at batch number `start_step`.
+# Makes an iterator of this process's batches (float32 [B / P, H, W, C]; for a
+# conditional model (images, int32 labels [B / P]) pairs) from a source,
+# starting at batch number `start_step`.
 IteratorFactory = Callable[[input_pipeline.Source, int], Iterator[np.ndarray]]
 
 
@@ -60,13 +61,15 @@ class TrainResult:
 
 # --- The step --------------------------------------------------------------------------------
 
-def train_step(state: TrainState, x_start: jax.Array, *, model, schedule: DiffusionSchedule,
-               optimizer: optax.GradientTransformation, config, batch_sharding=None
-               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+def train_step(state: TrainState, x_start: jax.Array, labels: Optional[jax.Array] = None, *,
+               model, schedule: DiffusionSchedule, optimizer: optax.GradientTransformation,
+               config, batch_sharding=None) -> Tuple[TrainState, Dict[str, jax.Array]]:
     """One step of Algorithm 1 with Adam and EMA; skips the update if anything is non-finite.
 
     Example i of the global batch draws its timestep and noise from
     fold_in(fold_in(key, step), i) so that neither depends on the device count.
+    A conditional model's `labels` [B] are replaced by "no class" with
+    probability config.training.label_dropout, drawn from the same key.
     """
     batch = x_start.shape[0]
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -76,13 +79,16 @@ def train_step(state: TrainState, x_start: jax.Array, *, model, schedule: Diffus
                                               schedule.num_timesteps))(example_keys)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x_start.shape[1:],
                                                  x_start.dtype))(example_keys)
+    if labels is not None:
+        labels = drop_labels(labels, example_keys, config.training.label_dropout,
+                             model.num_classes)
     if batch_sharding is not None:
         t = jax.lax.with_sharding_constraint(t, batch_sharding)
         noise = jax.lax.with_sharding_constraint(noise, batch_sharding)
 
     def loss_of(params):
         def denoise(x, timesteps):
-            return model.apply({"params": params}, x, timesteps, train=True,
+            return model.apply({"params": params}, x, timesteps, labels, train=True,
                                rngs={"dropout": dropout_key})
         return diffusion.p_losses(schedule, denoise, x_start, t, noise,
                                   config.diffusion.loss_type)
@@ -116,16 +122,28 @@ def train_step(state: TrainState, x_start: jax.Array, *, model, schedule: Diffus
     return new_state, metrics
 
 
+def drop_labels(labels: jax.Array, example_keys: jax.Array, rate: float, num_classes: int
+                ) -> jax.Array:
+    """Each label replaced by "no class" with probability `rate`, drawn from
+    fold_in(example key, 2) (0 and 1 draw the timestep and the noise)."""
+    drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 2), rate))(example_keys)
+    return jnp.where(drop, embeddings.null_label(num_classes), labels)
+
+
 def make_train_step(config, model, schedule: DiffusionSchedule,
                     optimizer: optax.GradientTransformation, mesh):
-    """`train_step` jitted over `mesh`: batch split over 'data', state replicated and donated."""
+    """`train_step` jitted over `mesh`: batch split over 'data', state replicated and donated.
+
+    Called as step(state, images), or step(state, images, labels) for a conditional model.
+    """
     replicated, batch_sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
-    def step(state, x_start):
-        return train_step(state, x_start, model=model, schedule=schedule, optimizer=optimizer,
+    def step(state, *batch):
+        return train_step(state, *batch, model=model, schedule=schedule, optimizer=optimizer,
                           config=config, batch_sharding=batch_sharded)
 
-    return jax.jit(step, in_shardings=(replicated, batch_sharded),
+    batch_shardings = (batch_sharded,) * (2 if model.num_classes else 1)
+    return jax.jit(step, in_shardings=(replicated, *batch_shardings),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -149,26 +167,44 @@ def configure_compilation_cache(config) -> None:
 
 
 def open_train_source(config) -> input_pipeline.Source:
-    """config.data.train_split of the config's dataset; a dataset, image feature or split that
-    does not exist is a ConfigError naming the field."""
+    """config.data.train_split of the config's dataset (with labels from a folder's class
+    subfolders for a conditional model); a dataset, image feature or split that does not
+    exist is a ConfigError naming the field."""
+    conditional = num_classes(config) > 0
     try:
-        return input_pipeline.open_config_source(config.data, config.data.train_split,
-                                                 "config.data.train_split")
+        source = input_pipeline.open_config_source(config.data, config.data.train_split,
+                                                   "config.data.train_split",
+                                                   folder_labels=conditional)
     except datasets.DatasetError as e:
         raise config_validation.ConfigError(str(e)) from None
+    if conditional and not input_pipeline.has_labels(source):
+        raise config_validation.ConfigError(
+            f"config.model.num_classes={num_classes(config)}: dataset "
+            f"{config.data.dataset!r} has no 'label' ClassLabel feature to condition on; "
+            f"set 0 for an unconditional model")
+    return source
 
 
 def default_iterator_factory(config) -> IteratorFactory:
     """In-memory sources: `TrainIterator`; a split streamed from disk: `StreamIterator`."""
     def make(source, start_step):
         kwargs = dict(random_flip=config.data.random_flip, start_step=start_step,
-                      process_index=jax.process_index(), process_count=jax.process_count())
+                      process_index=jax.process_index(), process_count=jax.process_count(),
+                      with_labels=num_classes(config) > 0)
         if isinstance(source, datasets.TfdsSource):
             return streaming.StreamIterator(source, config.training.batch_size, config.seed,
                                             worker_count=config.data.worker_count, **kwargs)
         return input_pipeline.TrainIterator(source, config.training.batch_size, config.seed,
                                             **kwargs)
     return make
+
+
+def sample_grid_labels(num_classes: int, num_images: int) -> Optional[np.ndarray]:
+    """The labels of a conditional model's sample grid: one row per class, of
+    max(1, num_images // num_classes) images each; None for an unconditional model."""
+    if not num_classes:
+        return None
+    return np.repeat(np.arange(num_classes, dtype=np.int32), max(1, num_images // num_classes))
 
 
 # --- The loop ----------------------------------------------------------------------------------
@@ -257,14 +293,20 @@ class _Loop:
         """A grid of EMA samples, the same noise every time (all processes compute it)."""
         self.flush()
         c = self.config
+        labels = sample_grid_labels(self.model.num_classes, c.training.num_sample_images)
+        conditional = {} if labels is None else dict(labels=labels,
+                                                      guidance=c.sampling.guidance)
         result = sampling.generate(
             sampling.ModelApply(self.model), state.ema_params, self.schedule,
             (c.data.image_size, c.data.image_size, c.data.channels),
-            c.training.num_sample_images, seed=c.seed, sampler=c.sampling.sampler,
-            ddim_steps=c.sampling.ddim_steps, ddim_eta=c.sampling.ddim_eta,
-            clip_denoised=c.sampling.clip_denoised, mesh=self.mesh)
+            c.training.num_sample_images if labels is None else len(labels), seed=c.seed,
+            sampler=c.sampling.sampler, ddim_steps=c.sampling.ddim_steps,
+            ddim_eta=c.sampling.ddim_eta, clip_denoised=c.sampling.clip_denoised,
+            mesh=self.mesh, **conditional)
         if jax.process_index() == 0:
-            grid = images.make_grid(result.images, nrow=math.ceil(math.sqrt(len(result.images))))
+            nrow = (math.ceil(math.sqrt(len(result.images))) if labels is None
+                    else len(labels) // self.model.num_classes)
+            grid = images.make_grid(result.images, nrow=nrow)
             images.save_png(grid, epath.Path(self.workdir) / SAMPLES_SUBDIR
                             / f"step_{step:07d}.png")
             self.writer.write_image(step, "samples", grid)
@@ -329,11 +371,14 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
         state, start_step, _ = restored
 
     size, channels = config.data.image_size, config.data.channels
-    batch_abstract = jax.ShapeDtypeStruct((config.training.batch_size, size, size, channels),
-                                          jnp.float32, sharding=parallel.batch_sharded(mesh))
+    batch_abstract = [jax.ShapeDtypeStruct((config.training.batch_size, size, size, channels),
+                                           jnp.float32, sharding=parallel.batch_sharded(mesh))]
+    if model.num_classes:
+        batch_abstract.append(jax.ShapeDtypeStruct(
+            (config.training.batch_size,), jnp.int32, sharding=parallel.batch_sharded(mesh)))
     compile_start = time.perf_counter()
     step_fn = make_train_step(config, model, schedule, optimizer, mesh).lower(
-        abstract, batch_abstract).compile()
+        abstract, *batch_abstract).compile()
     log.info("Compiled the train step in %.1f s; %s from step %d to %d on %d device(s), "
              "%d process(es)", time.perf_counter() - compile_start,
              "resuming" if start_step else "training", start_step, total_steps,
@@ -353,7 +398,9 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
             if _stop_requested(stop_event, step, t.log_every):
                 status = "preempted"
                 break
-            state, metrics = step_fn(state, parallel.global_batch(loop.next_batch(batches), mesh))
+            batch = loop.next_batch(batches)
+            batch = batch if isinstance(batch, tuple) else (batch,)
+            state, metrics = step_fn(state, *(parallel.global_batch(b, mesh) for b in batch))
             step += 1
             loop.record(step, metrics)
             if step % t.log_every == 0:

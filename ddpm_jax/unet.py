@@ -14,13 +14,15 @@ Submodule names are the PyTorch attribute paths, with each '.' before a list
 index written '_': PyTorch's `downs.0.2.fn.norm.weight` is Flax's
 `downs_0_2/fn/norm/scale`. `ddpm_jax.convert` relies on this to port weights.
 
-Beyond the design: `dropout` in the residual blocks (off by default) and a
+Beyond the design: `dropout` in the residual blocks (off by default), a
 compute `dtype` (e.g. bfloat16 activations with float32 parameters; GroupNorm
-statistics and softmax stay float32).
+statistics and softmax stay float32) and `num_classes` > 0, a class embedding
+added to the time embedding (`ddpm_jax.embeddings`); with 0 the network and its
+parameters are exactly the design's.
 """
 import functools
 import math
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,6 +30,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from ddpm_jax import conv
+from ddpm_jax.embeddings import ClassEmbedding, SinusoidalPositionEmbeddings, check_labels
+from ddpm_jax.unet_checks import (  # noqa: F401 (validate_unet_config: re-exported)
+    check_architecture, check_image_size, validate_unet_config)
 
 GROUP_NORM_EPSILON = 1e-5  # PyTorch's; Flax defaults to 1e-6.
 
@@ -185,18 +190,6 @@ class DepthwiseConv(nn.Module):
         return _depthwise(x, kernel, bias)
 
 
-class SinusoidalPositionEmbeddings(nn.Module):
-    """Timesteps [B] -> [B, dim] embeddings: sin then cos of t * 10000^(-i / (dim/2 - 1))."""
-    dim: int
-
-    def __call__(self, time):
-        half_dim = self.dim // 2
-        scale = math.log(10000) / (half_dim - 1)
-        freqs = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * -scale)
-        args = time.astype(jnp.float32)[:, None] * freqs[None, :]
-        return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-
-
 class Block(nn.Module):
     """3x3 conv, GroupNorm, SiLU."""
     dim_out: int
@@ -346,87 +339,13 @@ def _attention_layer(attention_cls, *, dtype, name: str) -> Residual:
     return Residual(PreNorm(attention, dtype=dtype, parent=None), name=name)
 
 
-# --- Configuration checks ----------------------------------------------------------------------
-
-def _as_hw(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    height, width = image_size
-    return int(height), int(width)
-
-
-def check_architecture(*, dim: int, dim_mults: Sequence[int], init_dim: Optional[int] = None,
-                       with_time_emb: bool = True, resnet_block_groups: int = 8,
-                       use_convnext: bool = True, dropout: float = 0.0) -> None:
-    """Raise ValueError for a configuration the design's network cannot be built with."""
-    dim_mults = tuple(dim_mults)
-    if not dim_mults or any(not isinstance(m, int) or m < 1 for m in dim_mults):
-        raise ValueError(
-            f"dim_mults must be a non-empty sequence of positive ints, got {dim_mults}")
-    if dim_mults[0] != 1:
-        raise ValueError(
-            f"dim_mults[0] must be 1, got dim_mults={dim_mults}: the design's final block "
-            f"takes the first level's dim * dim_mults[0] channels as exactly dim")
-    if init_dim is None and dim < 3:
-        raise ValueError(f"dim must be >= 3 so that init_dim = dim // 3 * 2 > 0, got dim={dim}")
-    if init_dim is not None and init_dim < 1:
-        raise ValueError(f"init_dim must be a positive int or None, got {init_dim}")
-    if with_time_emb and (dim < 4 or dim % 2):
-        raise ValueError(f"dim must be even and >= 4 for the sinusoidal time embedding "
-                         f"(half of it are sines, half cosines), got dim={dim}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if not use_convnext:
-        channel_counts = sorted({dim * m for m in dim_mults})
-        for channels in channel_counts:
-            if channels % resnet_block_groups:
-                divisors = [g for g in range(1, dim + 1) if dim % g == 0]
-                raise ValueError(
-                    f"resnet_block_groups={resnet_block_groups} does not divide {channels}, a "
-                    f"channel count of the ResNet blocks' GroupNorm (dim={dim} times dim_mults="
-                    f"{dim_mults}); with dim={dim} the groups that work are {divisors}, and "
-                    f"with {resnet_block_groups} groups dim must be a multiple of "
-                    f"{resnet_block_groups}")
-
-
-def check_image_size(image_size: Union[int, Sequence[int]], dim_mults: Sequence[int]) -> None:
-    """Raise ValueError unless each down stage can halve height and width exactly.
-
-    The U-Net halves the image len(dim_mults) - 1 times and doubles it back, so
-    both sides must be positive multiples of 2 ** (len(dim_mults) - 1).
-    """
-    height, width = _as_hw(image_size)
-    factor = 2 ** (len(dim_mults) - 1)
-    for side in (height, width):
-        if side < 1 or side % factor:
-            below, above = side // factor * factor, (side // factor + 1) * factor
-            nearest = f"{below} or {above}" if below > 0 else f"{above}"
-            raise ValueError(
-                f"image size {height}x{width} does not fit dim_mults={tuple(dim_mults)}: "
-                f"the network halves it {len(dim_mults) - 1} times, so height and width "
-                f"must be multiples of {factor} (nearest to {side}: {nearest})")
-
-
-def validate_unet_config(image_size: Union[int, Sequence[int]], *, dim: int,
-                         dim_mults: Sequence[int] = (1, 2, 4, 8), init_dim: Optional[int] = None,
-                         with_time_emb: bool = True, resnet_block_groups: int = 8,
-                         use_convnext: bool = True, dropout: float = 0.0) -> None:
-    """Raise ValueError if `Unet(...)` cannot run on images of `image_size` (int or (H, W)).
-
-    A pure function, for config validation without building the network.
-    """
-    check_architecture(dim=dim, dim_mults=dim_mults, init_dim=init_dim,
-                       with_time_emb=with_time_emb, resnet_block_groups=resnet_block_groups,
-                       use_convnext=use_convnext, dropout=dropout)
-    check_image_size(image_size, dim_mults)
-
-
 # --- The network -------------------------------------------------------------------------------
 
 class Unet(nn.Module):
     """The design's U-Net: noisy images [B, H, W, channels] and int timesteps [B] -> noise.
 
-    Call as `Unet(...).apply({'params': p}, x, t, train=False)`; with `train=True`
+    Call as `Unet(...).apply({'params': p}, x, t, train=False)`, with int class
+    labels [B] as a third argument when num_classes > 0; with `train=True`
     and dropout > 0 pass `rngs={'dropout': key}`. The output is float32
     [B, H, W, out_dim] whatever the compute `dtype`. A configuration the design
     cannot build raises ValueError at construction, an image size it cannot
@@ -443,12 +362,14 @@ class Unet(nn.Module):
     convnext_mult: int = 2
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    num_classes: int = 0
 
     def __post_init__(self):
         check_architecture(dim=self.dim, dim_mults=self.dim_mults, init_dim=self.init_dim,
                            with_time_emb=self.with_time_emb,
                            resnet_block_groups=self.resnet_block_groups,
-                           use_convnext=self.use_convnext, dropout=self.dropout)
+                           use_convnext=self.use_convnext, dropout=self.dropout,
+                           num_classes=self.num_classes)
         super().__post_init__()
 
     def _block(self, dim_out: int, name: str) -> nn.Module:
@@ -459,13 +380,14 @@ class Unet(nn.Module):
                            dtype=self.dtype, name=name)
 
     @nn.compact
-    def __call__(self, x, time, *, train: bool = False):
+    def __call__(self, x, time, labels=None, *, train: bool = False):
         if x.ndim != 4 or x.shape[-1] != self.channels:
             raise ValueError(f"x must be NHWC [B, H, W, channels={self.channels}], "
                              f"got shape {x.shape}")
         if self.with_time_emb and time.shape != x.shape[:1]:
             raise ValueError(f"time must be timesteps of shape [B] = {x.shape[:1]}, "
                              f"got shape {time.shape}")
+        check_labels(labels, self.num_classes, x.shape[0])
         check_image_size(x.shape[1:3], self.dim_mults)
         init_dim = self.dim // 3 * 2 if self.init_dim is None else self.init_dim
         dims = [init_dim, *(self.dim * m for m in self.dim_mults)]
@@ -482,6 +404,8 @@ class Unet(nn.Module):
             t = _dense(time_dim, self.dim, dtype=dtype, name="time_mlp_1")(t)
             t = gelu(t)
             t = _dense(time_dim, time_dim, dtype=dtype, name="time_mlp_3")(t)
+            if self.num_classes:
+                t = t + ClassEmbedding(self.num_classes, time_dim, dtype, name="class_emb")(labels)
 
         h = []
         for ind, (_, dim_out) in enumerate(in_out):
