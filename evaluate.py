@@ -23,9 +23,9 @@ import json  # noqa: E402
 import os  # noqa: E402
 
 import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from ddpm_jax import checkpointing, evaluation, parallel  # noqa: E402
+from ddpm_jax import checkpointing, console, evaluation, parallel  # noqa: E402
 from ddpm_jax.metrics_writer import MetricsWriter  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -81,6 +81,7 @@ def _eval_config(config):
 
 def main(argv):
     del argv
+    console.quiet_libraries()
     if not FLAGS.bpd_images and not FLAGS.fid_samples:
         raise app.UsageError("nothing to evaluate: pass --bpd_images=N and/or --fid_samples=N")
     parallel.maybe_initialize_distributed()
@@ -112,7 +113,6 @@ def main(argv):
                   "scores": scores}
         with open(output, "w") as f:
             json.dump(record, f, indent=1)
-        logging.info("wrote %s", output)
         say(f"results: {output}")
 
 

@@ -19,15 +19,15 @@ from ddpm_jax import cpu_defaults
 
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
-import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from ddpm_jax import console  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir: sample its newest "
                                "checkpoint.")
@@ -150,9 +150,7 @@ def _prepare_outputs() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # Orbax logs every restore at INFO; keep only its warnings and errors.
-    absl_logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= logging.WARNING or "/orbax/" not in record.pathname)
+    console.quiet_libraries()
     if (_WORKDIR.value is None) == (_TORCH_CHECKPOINT.value is None):
         _fail("give exactly one of --workdir (a training run) and --torch_checkpoint "
               "(a PyTorch state_dict, with --config)")

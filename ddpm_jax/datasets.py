@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -94,9 +95,15 @@ def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: Path | None, allow_d
     missing = [f for f in files if manual_dir is None or not (manual_dir / f).is_file()]
     if missing and not (allow_download and all(_reachable(files[f]) for f in missing)):
         raise MissingDataError(_missing_message(name, builder.data_dir, manual_dir, missing))
+    from ddpm_jax import console
+    log.info("Preparing TFDS dataset %r into %s (once; TFDS's progress bars with "
+             "--verbosity=1)", name, builder.data_dir)
+    tfds.display_progress_bar(console.verbose())  # its bars interleave, one per split and stage
+    start = time.perf_counter()
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        log.info("Prepared %r in %.0f s", name, time.perf_counter() - start)
     except tfds.download.download_manager.NonMatchingChecksumError as e:
         raise MissingDataError(
             f"A file given for dataset {name!r} in {manual_dir} is not its official file "
