@@ -97,9 +97,11 @@ def main(argv):
                                      with_sample_quality=bool(FLAGS.fid_samples))
     scores = {}
     if FLAGS.bpd_images:
-        scores.update(evaluator.bits_per_dim(params))
+        scores.update(evaluator.bits_per_dim(
+            params, progress=console.progress_printer("bits/dim batch", primary)))
     if FLAGS.fid_samples:
-        scores.update(evaluator.sample_quality(params))
+        scores.update(evaluator.sample_quality(
+            params, progress=console.progress_printer("sampling chunk", primary)))
     say(f"step {step}: {evaluation.format_scores(scores)}")
 
     eval_dir = os.path.join(FLAGS.workdir, "eval")

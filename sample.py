@@ -179,12 +179,6 @@ def main(argv):
     if is_main:
         _prepare_outputs()
 
-    def report(p: sampling.Progress) -> None:
-        if is_main:
-            left = (p.num_images - p.images_done) / p.images_per_s if p.images_done else 0.0
-            print(f"chunk {p.chunks_done}/{p.num_chunks}: {p.images_done}/{p.num_images} images, "
-                  f"{p.images_per_s:.2f} images/s, {left:.0f} s left", flush=True)
-
     if is_main:
         description = (f"ddim, {steps} steps, eta {ddim_eta}" if sampler == "ddim"
                        else f"ddpm, {steps} steps")
@@ -195,7 +189,7 @@ def main(argv):
         sampling.ModelApply(train_state.create_model(config)), params, schedule, image_shape,
         num_images, seed=_SEED.value, sampler=sampler, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
         trajectory_indices=range(gif_images), trajectory_frames=_GIF_FRAMES.value,
-        chunk_size=_CHUNK_SIZE.value, progress=report)
+        chunk_size=_CHUNK_SIZE.value, progress=console.progress_printer("chunk", is_main))
     if not is_main:
         return
     written = []

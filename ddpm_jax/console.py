@@ -11,6 +11,8 @@ follow the same switch (`datasets.prepare_tfds`).
 from __future__ import annotations
 
 import logging
+import sys
+from typing import Callable
 
 from absl import logging as absl_logging
 
@@ -36,3 +38,19 @@ def quiet_libraries() -> None:
     handler = absl_logging.get_absl_handler()
     if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
         handler.addFilter(_OwnInfoOnly())
+
+
+def progress_printer(label: str, enabled: bool = True) -> Callable:
+    """A `progress` callback for `sampling.generate` and `evaluation.bits_per_dim`: one line
+    per chunk with the images done, their rate and the time left (`label`: what a chunk is).
+
+    One line per chunk rather than a tqdm bar: chunks take seconds to minutes each, are
+    few, and the lines read the same in a log file as on a terminal.
+    """
+    def report(p) -> None:
+        if enabled:
+            left = (p.num_images - p.images_done) / p.images_per_s if p.images_done else 0.0
+            print(f"{label} {p.chunks_done}/{p.num_chunks}: {p.images_done}/{p.num_images} "
+                  f"images, {p.images_per_s:.2f} images/s, {left:.0f} s left",
+                  file=sys.stdout, flush=True)
+    return report

@@ -71,12 +71,16 @@ def test_sample_py_quiet_by_default(workdir, tmp_path):  # noqa: F811
 
 
 def test_evaluate_py_quiet_by_default(workdir, fashion_mnist_dirs):  # noqa: F811
-    args = [f"--workdir={workdir}", "--bpd_images=2", "--bpd_batch_size=2",
+    args = [f"--workdir={workdir}", "--bpd_images=4", "--bpd_batch_size=2",
             f"--tfds_data_dir={fashion_mnist_dirs.data_dir}",
             f"--manual_dir={fashion_mnist_dirs.manual_dir}"]
     quiet = _run("evaluate.py", *args)
     assert _absl_info_sources(quiet) == [], quiet
     assert re.search(rf"step {STEP}: bits/dim \d+\.\d+", quiet), quiet
+    progress = re.findall(r"^bits/dim batch (\d/\d): (\d/\d) images, [\d.]+ images/s, "
+                          r"(\d+) s left$", quiet, re.M)
+    assert [p[:2] for p in progress] == [("1/2", "2/4"), ("2/2", "4/4")], quiet
+    assert progress[-1][2] == "0"
     assert f"results: {workdir}/eval/step_{STEP}.json" in quiet
 
     verbose = _run("evaluate.py", *args, "--verbosity=1")
