@@ -30,11 +30,11 @@ cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX st
 import json  # noqa: E402
 
 import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from etils import epath  # noqa: E402
 
-from ddpm_jax import (checkpointing, conditional_eval, evaluation, images, parallel,  # noqa: E402
-                      storage)
+from ddpm_jax import (checkpointing, conditional_eval, console, evaluation, images,  # noqa: E402
+                      parallel, storage)
 from ddpm_jax.metrics_writer import MetricsWriter  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -113,6 +113,7 @@ def _guidances(evaluator):
 
 def main(argv):
     del argv
+    console.quiet_libraries()
     if not FLAGS.bpd_images and not FLAGS.fid_samples:
         raise app.UsageError("nothing to evaluate: pass --bpd_images=N and/or --fid_samples=N")
     parallel.maybe_initialize_distributed()
@@ -129,14 +130,15 @@ def main(argv):
     guidances = _guidances(evaluator)
     scores, sweep = {}, {}
     if FLAGS.bpd_images:
-        scores.update(evaluator.bits_per_dim(params))
-    if FLAGS.fid_samples and guidances:
+        scores.update(evaluator.bits_per_dim(
+            params, progress=console.progress_printer("bits/dim batch", primary)))
+    if FLAGS.fid_samples:
+        progress = console.progress_printer("sampling chunk", primary)
         for w in guidances:
-            sweep[w] = evaluator.sample_quality(params, guidance=w)
-            say(f"step {step}: {evaluation.format_scores(sweep[w])}")
-        scores.update(sweep[guidances[0]])
-    elif FLAGS.fid_samples:
-        scores.update(evaluator.sample_quality(params))
+            sweep[w] = evaluator.sample_quality(params, guidance=w, progress=progress)
+            say(f"step {step}, guidance {w:g}: {evaluation.format_scores(sweep[w])}")
+        scores.update(sweep[guidances[0]] if guidances
+                      else evaluator.sample_quality(params, progress=progress))
     say(f"step {step}: {evaluation.format_scores(scores)}")
 
     eval_dir = epath.Path(FLAGS.workdir) / "eval"
@@ -161,7 +163,6 @@ def main(argv):
             record["guidance_sweep"] = {f"{w:g}": s for w, s in sweep.items()}
             record["guidance_curve"] = curve
         storage.write_encoded(output, lambda f: f.write(json.dumps(record, indent=1).encode()))
-        logging.info("wrote %s", output)
         say(f"results: {output}")
 
 

@@ -25,15 +25,15 @@ from ddpm_jax import cpu_defaults
 
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
-import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from ddpm_jax import console  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir: sample its newest "
                                "checkpoint.")
@@ -176,9 +176,7 @@ def _prepare_outputs() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # Orbax logs every restore at INFO; keep only its warnings and errors.
-    absl_logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= logging.WARNING or "/orbax/" not in record.pathname)
+    console.quiet_libraries()
     if (_WORKDIR.value is None) == (_TORCH_CHECKPOINT.value is None):
         _fail("give exactly one of --workdir (a training run) and --torch_checkpoint "
               "(a PyTorch state_dict, with --config)")
@@ -219,12 +217,6 @@ def main(argv):
     if is_main:
         _prepare_outputs()
 
-    def report(p: sampling.Progress) -> None:
-        if is_main:
-            left = (p.num_images - p.images_done) / p.images_per_s if p.images_done else 0.0
-            print(f"chunk {p.chunks_done}/{p.num_chunks}: {p.images_done}/{p.num_images} images, "
-                  f"{p.images_per_s:.2f} images/s, {left:.0f} s left", flush=True)
-
     if is_main:
         description = (f"ddim, {steps} steps, eta {ddim_eta}" if sampler == "ddim"
                        else f"ddpm, {steps} steps") + (", x0 clipped" if clip_denoised else "")
@@ -239,7 +231,8 @@ def main(argv):
         num_images, seed=_SEED.value, sampler=sampler, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
         clip_denoised=clip_denoised,
         trajectory_indices=range(gif_images), trajectory_frames=_GIF_FRAMES.value,
-        chunk_size=_CHUNK_SIZE.value, progress=report, **conditional)
+        chunk_size=_CHUNK_SIZE.value, progress=console.progress_printer("chunk", is_main),
+        **conditional)
     if not is_main:
         return
     written = []

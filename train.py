@@ -15,14 +15,12 @@ from ddpm_jax import cpu_defaults
 
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
-import logging  # noqa: E402
 import sys  # noqa: E402
 
 from absl import app, flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import checkpointing, config_validation, parallel, training  # noqa: E402
+from ddpm_jax import checkpointing, config_validation, console, parallel, training  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -36,13 +34,6 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _QuietOrbax(logging.Filter):
-    """Orbax logs every save and restore at INFO; keep only its warnings and errors."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
 def _parse_flags(argv):
@@ -62,7 +53,7 @@ def _parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    absl_logging.get_absl_handler().addFilter(_QuietOrbax())
+    console.quiet_libraries()
     # Before anything touches a device (importing the package does not).
     parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value)

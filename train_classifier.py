@@ -17,7 +17,7 @@ import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from ddpm_jax import classifier, input_pipeline  # noqa: E402
+from ddpm_jax import classifier, console, input_pipeline  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Where to save the classifier.", required=True)
@@ -37,6 +37,7 @@ flags.DEFINE_float("min_accuracy", 0.9, "Refuse to save a classifier below this 
 
 def main(argv):
     del argv
+    console.quiet_libraries()
     open_split = lambda split: input_pipeline.open_source(  # noqa: E731
         FLAGS.dataset, split, image_size=FLAGS.image_size, channels=FLAGS.channels,
         data_dir=FLAGS.tfds_data_dir, manual_dir=FLAGS.manual_dir)

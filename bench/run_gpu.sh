@@ -21,10 +21,16 @@ OUT="${OUT:-$(mktemp -d)}"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 mkdir -p "$OUT"
 echo "results in $OUT; python $PY"
-# The GPU image lacks ml_collections: bring its wheel in .whl/ (see BENCHMARKS.md).
+# The project installs beside the image's own JAX (jax 0.11.x on Python 3.12): setup.cfg
+# accepts jax 0.10.2-0.12.x, so `pip install -e .` changes no JAX package and no JAX wheel
+# is carried. The machine reaches no registry: --no-index, the image's setuptools, and
+# --no-deps, since TensorFlow and TFDS (needed only to prepare TFDS data, not here) are
+# not in the image. Its one missing dependency, ml-collections (pure Python), comes from
+# .whl/ when carried (see BENCHMARKS.md); elsewhere plain `pip install -e .` does it all.
+"$PY" -m pip install -q --no-index --no-build-isolation --no-deps -e . \
+  || echo "pip install -e . failed; running from the source tree"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  "$PY" -m pip install -q --no-index --no-deps .whl/*.whl
 fi
 
 {

@@ -1,6 +1,6 @@
 """The process settings this project runs with on CPUs, set before JAX starts.
 
-- XLA:CPU's YNNPACK fusions off. With them (jaxlib 0.10's default) the UNet's
+- XLA:CPU's YNNPACK fusions off. With them (the default of jaxlib 0.10 to 0.12) the UNet's
   3x3 and 1x1 convolutions and its matmuls run 2-5x slower than PyTorch's: a
   Fashion-MNIST training step at batch 128 took 6.5 s instead of 4.2 s on a
   2-core CPU (bench/NOTES_cpu.md). Only XLA:CPU reads the flag; GPU and TPU
@@ -25,8 +25,11 @@ from importlib import metadata
 
 FLAG = "xla_cpu_experimental_ynn_fusion_type"
 YNN_FUSIONS_OFF = f"--{FLAG}="
-# XLA aborts on a flag it does not know: add it only for jaxlib releases that have it.
-KNOWN_JAXLIB_RELEASES = ("0.10.",)
+# XLA aborts on a flag it does not know: add it only for jaxlib releases that have it
+# (each one checked). jaxlib 0.12.0.1 still fuses with YNNPACK by default: the Fashion
+# UNet's gradient at batch 32 took 2.6-3.5 s a step with the fusions, 0.7-0.9 s without
+# (its compilation 87 s and 149 s; a loaded 2-core CPU).
+KNOWN_JAXLIB_RELEASES = ("0.10.", "0.11.", "0.12.")
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT_ENV = "DDPM_JAX_CPU_DEFAULTS"
 

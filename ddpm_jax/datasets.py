@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -128,9 +129,15 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str, manual_dir: Path | No
     missing = [f for f in files if manual_dir is None or not (manual_dir / f).is_file()]
     if missing and not (allow_download and all(_reachable(files[f]) for f in missing)):
         raise MissingDataError(_missing_message(name, builder.data_dir, manual_dir, missing))
+    from ddpm_jax import console
+    log.info("Preparing TFDS dataset %r into %s (once; TFDS's progress bars with "
+             "--verbosity=1)", name, builder.data_dir)
+    tfds.display_progress_bar(console.verbose())  # its bars interleave, one per split and stage
+    start = time.perf_counter()
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        log.info("Prepared %r in %.0f s", name, time.perf_counter() - start)
     except AssertionError as e:  # TFDS asserts that a manual-only dataset's directory exists
         instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or ""
         raise MissingDataError(

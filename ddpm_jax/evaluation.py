@@ -21,6 +21,7 @@ parameters replicated, results replicated so every process can read them.
 """
 import logging
 import math
+import time
 from typing import Any, Callable, Dict, Optional
 
 import jax
@@ -104,20 +105,22 @@ def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def bits_per_dim(apply_fn: sampling.ApplyFn, params, schedule: DiffusionSchedule,
-                 images: np.ndarray, *, mesh: Mesh, seed: int = 0, batch_size: int = 64
+                 images: np.ndarray, *, mesh: Mesh, seed: int = 0, batch_size: int = 64,
+                 progress: Optional[Callable[[sampling.Progress], None]] = None
                  ) -> Dict[str, np.ndarray]:
     """Per-image bound terms (numpy [N] each, see `per_image_bpd`) of images [N, H, W, C].
 
     The images go in fixed batches of min(batch_size, N) rounded up to a
     multiple of the device count (one compilation); the last batch is padded
-    and its padding dropped.
+    and its padding dropped. `progress` is called after each batch (its
+    elapsed time includes the first batch's compilation).
     """
     num_devices = mesh.devices.size
     batch = math.ceil(min(batch_size, len(images)) / num_devices) * num_devices
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     params, schedule = jax.device_put((params, schedule), replicated)
     key = jax.device_put(jax.random.PRNGKey(seed), replicated)
-    chunks = []
+    chunks, started = [], time.perf_counter()
     for start in range(0, len(images), batch):
         indices = np.arange(start, start + batch, dtype=np.int32)
         chunk = images[start:start + batch]
@@ -126,6 +129,10 @@ def bits_per_dim(apply_fn: sampling.ApplyFn, params, schedule: DiffusionSchedule
                                  _global_array(indices, sharded), key,
                                  apply_fn=apply_fn, mesh=mesh)
         chunks.append({k: np.asarray(v)[:len(chunk)] for k, v in out.items()})
+        if progress is not None:
+            progress(sampling.Progress(len(chunks), math.ceil(len(images) / batch),
+                                       start + len(chunk), len(images),
+                                       time.perf_counter() - started))
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
@@ -259,14 +266,15 @@ class Evaluator:
                     e.inception_weights, reference_stats_path=e.inception_reference_stats,
                     reference_images=train_images, mesh=mesh))
 
-    def bits_per_dim(self, params) -> Dict[str, float]:
+    def bits_per_dim(self, params, progress=None) -> Dict[str, float]:
         e = self.config.eval
         per_image = bits_per_dim(self.apply_fn, params, self.schedule, self.bpd_images,
-                                 mesh=self.mesh, seed=e.seed, batch_size=e.bpd_batch_size)
+                                 mesh=self.mesh, seed=e.seed, batch_size=e.bpd_batch_size,
+                                 progress=progress)
         return summarize_bpd(per_image)
 
     def sample_quality(self, params, num_samples: Optional[int] = None,
-                       guidance: Optional[float] = None) -> Dict[str, float]:
+                       guidance: Optional[float] = None, progress=None) -> Dict[str, float]:
         """Scores of `num_samples` samples; a conditional model's are of every class equally
         often, guided by `guidance` (default config.sampling.guidance), with class scores."""
         c = self.config
@@ -283,7 +291,7 @@ class Evaluator:
             sampler=c.sampling.sampler, ddim_steps=c.sampling.ddim_steps,
             ddim_eta=c.sampling.ddim_eta,
             clip_denoised=sampling.clip_denoised_setting(c.sampling), mesh=self.mesh,
-            **conditional)
+            progress=progress, **conditional)
         samples = quantize(result.images)
         for scorer in self.scorers:
             scores.update(scorer(samples))

@@ -1,0 +1,56 @@
+"""What the commands print: their own messages and every warning; library chatter on request.
+
+Orbax logs ~40 INFO lines per checkpoint restore and TFDS a few per dataset it
+opens, through absl's handler, burying what a user needs (what is loaded,
+progress, where results went, the numbers). `quiet_libraries()`, called first
+in each command's `main`, keeps INFO records of this package (the commands
+themselves print) and drops other libraries' INFO and DEBUG records, unless
+`--verbosity=1` (absl's flag) or higher asks for them. TFDS's progress bars
+follow the same switch (`datasets.prepare_tfds`).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from absl import logging as absl_logging
+
+def verbose() -> bool:
+    """Whether the user asked for library chatter (absl's --verbosity >= 1)."""
+    return absl_logging.get_verbosity() >= 1
+
+
+class _OwnInfoOnly(logging.Filter):
+    """Warnings and errors of everyone; INFO only of this package's loggers (`ddpm_jax.*`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.split(".")[0] == "ddpm_jax"
+
+
+def quiet_libraries() -> None:
+    """Drop other libraries' INFO lines from the console unless --verbosity >= 1.
+
+    Call at the start of a command's `main` (after absl parsed the flags).
+    """
+    if verbose():
+        return
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+        handler.addFilter(_OwnInfoOnly())
+
+
+def progress_printer(label: str, enabled: bool = True) -> Callable:
+    """A `progress` callback for `sampling.generate` and `evaluation.bits_per_dim`: one line
+    per chunk with the images done, their rate and the time left (`label`: what a chunk is).
+
+    One line per chunk rather than a tqdm bar: chunks take seconds to minutes each, are
+    few, and the lines read the same in a log file as on a terminal.
+    """
+    def report(p) -> None:
+        if enabled:
+            left = (p.num_images - p.images_done) / p.images_per_s if p.images_done else 0.0
+            print(f"{label} {p.chunks_done}/{p.num_chunks}: {p.images_done}/{p.num_images} "
+                  f"images, {p.images_per_s:.2f} images/s, {left:.0f} s left",
+                  file=sys.stdout, flush=True)
+    return report
