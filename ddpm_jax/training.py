@@ -116,15 +116,28 @@ def train_step(state: TrainState, x_start: jax.Array, *, model, schedule: Diffus
 
 
 def make_train_step(config, model, schedule: DiffusionSchedule,
-                    optimizer: optax.GradientTransformation, mesh):
-    """`train_step` jitted over `mesh`: batch split over 'data', state replicated and donated."""
+                    optimizer: optax.GradientTransformation, mesh, steps_per_call: int = 1):
+    """`train_step` jitted over `mesh`: batch split over 'data', state replicated and donated.
+
+    steps_per_call k > 1: k steps in one program (`lax.scan` of the same step,
+    one dispatch instead of k: the launch-bound GPU step's lever) over batches
+    stacked as [k, B, ...], split over 'data' on axis 1; the metrics come back
+    stacked [k], and the numbers are bitwise those of k single steps.
+    """
     replicated, batch_sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
     def step(state, x_start):
         return train_step(state, x_start, model=model, schedule=schedule, optimizer=optimizer,
                           config=config, batch_sharding=batch_sharded)
 
-    return jax.jit(step, in_shardings=(replicated, batch_sharded),
+    if steps_per_call == 1:
+        return jax.jit(step, in_shardings=(replicated, batch_sharded),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+
+    def steps(state, batches):
+        return jax.lax.scan(step, state, batches, length=steps_per_call)
+
+    return jax.jit(steps, in_shardings=(replicated, parallel.stacked_batch_sharded(mesh)),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -134,6 +147,22 @@ def num_train_steps(config, num_examples: int) -> int:
         return config.training.num_train_steps
     per_epoch = input_pipeline.steps_per_epoch(num_examples, config.training.batch_size)
     return max(1, int(round(config.training.num_epochs * per_epoch)))
+
+
+def _check_call_boundaries(config, total_steps: int, start_step: int) -> None:
+    """The run's end (from num_epochs) and its resumed step must fall on call boundaries
+    (config_validation checks the explicit step counts)."""
+    k = config.training.steps_per_call
+    if total_steps % k:
+        raise config_validation.ConfigError(
+            f"config.training.num_epochs = {config.training.num_epochs} gives {total_steps} "
+            f"steps: set config.training.num_train_steps; it "
+            + config_validation.steps_per_call_message(total_steps, k))
+    if start_step % k:
+        raise config_validation.ConfigError(
+            f"config.training.steps_per_call = {k}: the checkpoint resumed is at step "
+            f"{start_step}, not a multiple of it; resume with a steps_per_call that divides "
+            f"{start_step}")
 
 
 def configure_compilation_cache(config) -> None:
@@ -177,7 +206,7 @@ class _Loop:
         primary = jax.process_index() == 0
         self.writer = MetricsWriter(workdir, enabled=primary, resume_step=start_step)
         self.console = ConsoleReporter(total_steps, enabled=primary, stream=console_stream)
-        self.pending: List[Tuple[int, Dict[str, jax.Array]]] = []
+        self.pending: List[Tuple[int, Dict[str, jax.Array], int]] = []
         self.last_checkpoint: Optional[int] = start_step if start_step > 0 else None
         self.interval_start, self.interval_steps = time.perf_counter(), 0
         self.input_wait_s = 0.0
@@ -190,17 +219,22 @@ class _Loop:
         self.input_wait_s += time.perf_counter() - start
         return batch
 
-    def record(self, step: int, metrics: Dict[str, jax.Array]) -> None:
-        self.pending.append((step, metrics))
-        self.interval_steps += 1
+    def record(self, step: int, metrics: Dict[str, jax.Array], count: int = 1) -> None:
+        """Metrics of the call that ended at `step`: `count` steps' values stacked if > 1."""
+        self.pending.append((step, metrics, count))
+        self.interval_steps += count
         self.console.step(step)
 
     def flush(self) -> None:
         """Read the pending metrics (the only device sync), check finiteness, write a row."""
         if not self.pending:
             return
-        steps = [s for s, _ in self.pending]
-        values = jax.device_get([m for _, m in self.pending])
+        steps, values = [], []
+        for (last, _, count), fetched in zip(self.pending,
+                                             jax.device_get([m for _, m, _ in self.pending])):
+            steps += range(last - count + 1, last + 1)  # a call's metrics: stacked if count > 1
+            values += [fetched] if count == 1 else [
+                {name: v[i] for name, v in fetched.items()} for i in range(count)]
         self.pending = []
         bad = [s for s, v in zip(steps, values) if not v["finite"]]
         if bad and self.config.training.nan_policy == "stop":
@@ -321,11 +355,19 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
     else:
         state, start_step, _ = restored
 
+    k = config.training.steps_per_call
+    _check_call_boundaries(config, total_steps, start_step)
     size, channels = config.data.image_size, config.data.channels
-    batch_abstract = jax.ShapeDtypeStruct((config.training.batch_size, size, size, channels),
-                                          jnp.float32, sharding=parallel.batch_sharded(mesh))
+    batch_shape = (config.training.batch_size, size, size, channels)
+    batch_abstract = (
+        jax.ShapeDtypeStruct(batch_shape, jnp.float32, sharding=parallel.batch_sharded(mesh))
+        if k == 1 else jax.ShapeDtypeStruct((k, *batch_shape), jnp.float32,
+                                            sharding=parallel.stacked_batch_sharded(mesh)))
+    if k > 1 and jax.default_backend() == "cpu":
+        log.warning("config.training.steps_per_call = %d: XLA:CPU runs the scanned step about "
+                    "4x slower than single steps (docs/speed.md); use 1 on a CPU", k)
     compile_start = time.perf_counter()
-    step_fn = make_train_step(config, model, schedule, optimizer, mesh).lower(
+    step_fn = make_train_step(config, model, schedule, optimizer, mesh, k).lower(
         abstract, batch_abstract).compile()
     log.info("Compiled the train step in %.1f s; %s from step %d to %d on %d device(s), "
              "%d process(es)", time.perf_counter() - compile_start,
@@ -346,9 +388,14 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
             if _stop_requested(stop_event, step, t.log_every):
                 status = "preempted"
                 break
-            state, metrics = step_fn(state, parallel.global_batch(loop.next_batch(batches), mesh))
-            step += 1
-            loop.record(step, metrics)
+            if k == 1:
+                state, metrics = step_fn(state, parallel.global_batch(loop.next_batch(batches),
+                                                                      mesh))
+            else:  # k batches at once, one dispatch
+                state, metrics = step_fn(state, parallel.global_batches(
+                    np.stack([loop.next_batch(batches) for _ in range(k)]), mesh))
+            step += k
+            loop.record(step, metrics, k)
             if step % t.log_every == 0:
                 loop.flush()
             if step % t.checkpoint_every == 0:
