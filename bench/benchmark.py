@@ -1,10 +1,11 @@
 """This project against the PyTorch design, side by side on one device (issue 7).
 
 One process measures, for each chosen config:
-  train   images/s of the JAX train step (float32), of the design's PyTorch
-          loop (eager) and of the same loop with `torch.compile(model)`;
-          compile time (JAX: first step; torch.compile: first call) and peak
-          device memory;
+  train   images/s of the JAX train step (float32; with --steps-per-call k > 1
+          also k steps per compiled call), of the design's PyTorch loop (eager)
+          and of the same loop with `torch.compile(model)`, in its default mode
+          and in mode='reduce-overhead' (CUDA graphs); compile time (JAX: first
+          step; torch.compile: first call) and peak device memory;
   bf16    the JAX train step with the model computing in bfloat16 (params,
           optimizer and loss in float32);
   sample  64 images x 200 DDPM steps and x 50 DDIM steps: JAX's
@@ -14,7 +15,11 @@ One process measures, for each chosen config:
   loss    bfloat16 vs float32 losses over N train steps from the same
           initialisation, batches, timesteps and noise.
 Every ratio is "JAX speedup" = PyTorch time / JAX time. The data is synthetic
-(uniform in [-1, 1]), so nothing here needs TFDS or TensorFlow.
+(uniform in [-1, 1]), so nothing here needs TFDS or TensorFlow. Every training
+and sampling result also holds its model FLOPs per image and its model-FLOPs
+utilisation (`mfu`) against the device's peak for its dtype (`bench/flops.py`:
+training = 3 x XLA's forward count, sampling = steps x forward; the same model
+FLOPs for JAX and PyTorch).
 
 Fairness: the PyTorch side is made no slower than the design's own code. Its
 diffusion constants live on the device (the design's `extract` copies t to
@@ -56,7 +61,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import flops  # noqa: E402  (bench/, on sys.path as this script's directory)
 from ddpm_jax import diffusion, parallel, train_state  # noqa: E402
+from report import markdown_table  # noqa: E402
 from ddpm_jax.training import make_train_step  # noqa: E402
 from ddpm_jax.schedules import make_schedule  # noqa: E402
 
@@ -64,7 +71,8 @@ from ddpm_jax.schedules import make_schedule  # noqa: E402
 HEAVY_MODULES = ("tensorflow", "tensorflow_datasets")
 SAMPLE_IMAGES, DDPM_STEPS, DDIM_STEPS = 64, 200, 50
 PARTS = ("train", "bf16", "sample", "loss")
-FRAMEWORKS = ("jax", "torch", "torch_compile")
+# torch_compile_ro: torch.compile(mode="reduce-overhead"), CUDA graphs on a GPU.
+FRAMEWORKS = ("jax", "torch", "torch_compile", "torch_compile_ro")
 
 
 # --- Configs -----------------------------------------------------------------------------------
@@ -112,10 +120,12 @@ def synthetic_images(config, batch: int, seed: int = 0) -> np.ndarray:
 
 class JaxTrainer:
     """A config's model, optimizer and schedule; its train step compiled on first use (ahead
-    of time, as `training.train` does, so that it cannot recompile)."""
+    of time, as `training.train` does, so that it cannot recompile). steps_per_call k > 1:
+    the step program runs k steps on batches stacked [k, B, ...]."""
 
-    def __init__(self, config, make_train_step):
-        self.config, self._make_train_step = config, make_train_step
+    def __init__(self, config, make_train_step, steps_per_call: int = 1):
+        self.config, self._make_train_step, self.k = config, make_train_step, steps_per_call
+        self._forward_flops = None
         self.mesh = parallel.make_mesh(jax.devices()[:1])
         self.model = train_state.create_model(config)
         self.optimizer = train_state.make_optimizer(config)
@@ -133,21 +143,35 @@ class JaxTrainer:
                                                sharding=parallel.replicated(self.mesh)),
                 jax.eval_shape(self._init, jax.random.key(0)))
             size, channels = self.config.data.image_size, self.config.data.channels
+            shape = (self.config.training.batch_size, size, size, channels)
             abstract_images = jax.ShapeDtypeStruct(
-                (self.config.training.batch_size, size, size, channels), jnp.float32,
-                sharding=parallel.batch_sharded(self.mesh))
+                shape if self.k == 1 else (self.k, *shape), jnp.float32,
+                sharding=self._sharding(self.k > 1))
             start = time.perf_counter()
             self._step = self._make_train_step(
-                self.config, self.model, self.schedule, self.optimizer,
-                self.mesh).lower(abstract_state, abstract_images).compile()
+                self.config, self.model, self.schedule, self.optimizer, self.mesh,
+                self.k).lower(abstract_state, abstract_images).compile()
             self.compile_s = time.perf_counter() - start
         return self._step
 
     def init_state(self, seed: int = 0):
         return self._init(jax.random.key(seed))
 
+    def _sharding(self, stacked: bool):
+        return (parallel.stacked_batch_sharded if stacked else parallel.batch_sharded)(self.mesh)
+
     def put(self, images: np.ndarray):
-        return jax.device_put(images, parallel.batch_sharded(self.mesh))
+        """A batch [B, H, W, C], or k of them stacked [k, B, H, W, C], onto the mesh."""
+        return jax.device_put(images, self._sharding(images.ndim == 5))
+
+    def forward_flops_per_image(self) -> float:
+        """XLA's count of the compiled forward pass at the training batch, per image."""
+        if self._forward_flops is None:
+            params = jax.eval_shape(self._init, jax.random.key(0)).params
+            batch = self.config.training.batch_size
+            self._forward_flops = flops.forward_flops_by_xla(
+                self.model, params, batch, self.config.data.image_size) / batch
+        return self._forward_flops
 
 
 def compiled_bytes(compiled) -> int:
@@ -196,8 +220,12 @@ def time_steps(run_step, sync, warmup: int, steps: int) -> dict:
 
 
 def jax_train(trainer: JaxTrainer, warmup: int, steps: int, trace_dir: str = "") -> dict:
-    batch = trainer.config.training.batch_size
-    images = trainer.put(synthetic_images(trainer.config, batch))
+    """Timings per call of the step program (k steps if steps_per_call k > 1); images/s over
+    all its steps; XLA's FLOP count of the whole step program per image (k = 1: a scan's
+    count would hold its body once)."""
+    batch, k = trainer.config.training.batch_size, trainer.k
+    images = synthetic_images(trainer.config, batch)
+    images = trainer.put(images if k == 1 else np.stack([images] * k))
     holder = {"state": trainer.init_state()}
     step = trainer.step  # compiles
     jax.block_until_ready(holder["state"])
@@ -210,9 +238,10 @@ def jax_train(trainer: JaxTrainer, warmup: int, steps: int, trace_dir: str = "")
     jax.block_until_ready(run_step())
     first_run_s = time.perf_counter() - start
     timing = time_steps(run_step, jax.block_until_ready, max(warmup - 1, 0), steps)
-    result = dict(images_per_s=batch / timing["step_s"], **timing,
+    result = dict(images_per_s=batch * k / timing["step_s"], **timing, steps_per_call=k,
                   compile_s=trainer.compile_s, first_step_s=trainer.compile_s + first_run_s,
-                  program_bytes=compiled_bytes(step), device_peak_bytes=jax_peak_bytes())
+                  program_bytes=compiled_bytes(step), device_peak_bytes=jax_peak_bytes(),
+                  xla_step_flops_per_image=flops.xla_flops(step) / batch if k == 1 else None)
     if trace_dir:  # where the step's device time goes: its top kernels
         import gpu_trace
         result["top_kernels"] = gpu_trace.jax_profile(run_step, trace_dir)
@@ -335,17 +364,21 @@ class TorchSide:
         return {k: self.torch.tensor(np.asarray(getattr(schedule, k)), device=self.device)
                 for k in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")}
 
-    def train_step(self, config, compiled: bool = False):
+    def train_step(self, config, compile_mode=None):
         """One step of the design's training loop (Adam, p_losses; plus clipping where the
         config clips) on synthetic images: (the network, a function of nothing that runs
-        the step and returns the loss)."""
+        the step and returns the loss). compile_mode: None (eager), or torch.compile's mode
+        for the network ('default', or 'reduce-overhead': CUDA graphs)."""
         torch = self.torch
         functional = torch.nn.functional
         losses = dict(l1=functional.l1_loss, l2=functional.mse_loss,
                       huber=functional.smooth_l1_loss)
         loss_fn = losses[config.diffusion.loss_type]
         net = self.model(config).train()
-        forward = torch.compile(net) if compiled else net
+        forward = net if compile_mode is None else torch.compile(net, mode=compile_mode)
+        # CUDA graphs reuse their output buffers: each step starts a new graph run.
+        mark_step = (torch.compiler.cudagraph_mark_step_begin
+                     if compile_mode == "reduce-overhead" else lambda: None)
         optimizer = torch.optim.Adam(net.parameters(), lr=config.optim.learning_rate,
                                      betas=(config.optim.b1, config.optim.b2),
                                      eps=config.optim.eps)
@@ -356,6 +389,7 @@ class TorchSide:
         clip = config.optim.grad_clip_norm
 
         def run_step():
+            mark_step()
             optimizer.zero_grad()
             t = torch.randint(0, config.diffusion.timesteps, (batch,), device=self.device)
             noise = torch.randn_like(images)
@@ -370,9 +404,9 @@ class TorchSide:
 
         return net, run_step
 
-    def train(self, config, warmup: int, steps: int, compiled: bool) -> dict:
+    def train(self, config, warmup: int, steps: int, compile_mode=None) -> dict:
         """Images/s, first-step time and peak memory of `train_step`."""
-        _, run_step = self.train_step(config, compiled)
+        _, run_step = self.train_step(config, compile_mode)
         batch = config.training.batch_size
         self.reset_peak()
         start = time.perf_counter()
@@ -499,7 +533,7 @@ def rss_peak_bytes() -> int:
 def run_benchmark(args) -> dict:
     device = jax.devices()[0]
     jax.block_until_ready(jnp.ones(()))  # start JAX's backend before PyTorch loads its libraries
-    torch_side = TorchSide() if {"torch", "torch_compile"} & set(args.frameworks) else None
+    torch_side = TorchSide() if set(FRAMEWORKS[1:]) & set(args.frameworks) else None
     meta = dict(
         command=" ".join([os.path.basename(sys.executable)] + sys.argv),
         quick=args.quick, time=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -511,37 +545,59 @@ def run_benchmark(args) -> dict:
         sample_steps=dict(ddpm=args.ddpm_steps, ddim=args.ddim_steps))
     print(json.dumps(meta, indent=1, default=str), flush=True)
     rec = Recorder(args.out, meta)
+    peaks = meta["peak_flops"] = {}
+
+    def with_mfu(result: dict, forward_flops: float, per_image: float, dtype: str) -> dict:
+        """`result` with model FLOPs per image (`per_image` forward passes of `forward_flops`
+        each) and the model-FLOPs utilisation against the device's peak for `dtype`."""
+        if dtype not in peaks:
+            peaks[dtype] = flops.peak_flops(device, dtype)
+        model_flops = per_image * forward_flops
+        rate = result.get("images_per_s") or SAMPLE_IMAGES / result["seconds"]
+        return dict(result, forward_flops_per_image=forward_flops,
+                    model_flops_per_image=model_flops, peak_flops=peaks[dtype],
+                    mfu=model_flops * rate / peaks[dtype] if peaks[dtype] else None)
+
     for name in args.configs:
         batch = args.batch or 128
         trainers = {}
 
-        def trainer(dtype, batch=batch, name=name):
-            if (dtype, batch) not in trainers:
-                trainers[dtype, batch] = JaxTrainer(bench_config(name, batch, dtype),
-                                                    make_train_step)
-            return trainers[dtype, batch]
+        def trainer(dtype, batch=batch, name=name, k=1):
+            if (dtype, batch, k) not in trainers:
+                trainers[dtype, batch, k] = JaxTrainer(bench_config(name, batch, dtype),
+                                                       make_train_step, k)
+            return trainers[dtype, batch, k]
+
+        def forward(dtype="float32"):
+            """XLA's forward FLOPs per image (the model FLOPs of JAX and PyTorch alike)."""
+            return trainer(dtype).forward_flops_per_image()
+
+        def train_mfu(fn, dtype="float32"):  # training: 3 x forward per image
+            return lambda: with_mfu(fn(), forward(dtype), 3, dtype)
 
         config = bench_config(name, batch)
         timing = dict(warmup=args.warmup, steps=args.steps)
         trace, trace16 = (os.path.join(args.trace_dir, f"trace_{name}_{d}") if args.trace_dir
                           else "" for d in ("f32", "bf16"))
-        if "train" in args.parts:
-            if "jax" in args.frameworks:
-                rec.run(dict(config=name, part="train", framework="jax", dtype="float32",
+        base = dict(config=name, label=args.label)
+        for k in args.steps_per_call:
+            what = dict(base, part="train", framework="jax", batch=batch, steps_per_call=k)
+            if "train" in args.parts and "jax" in args.frameworks:
+                rec.run(dict(what, dtype="float32"), train_mfu(
+                    lambda k=k: jax_train(trainer("float32", k=k), **timing,
+                                          trace_dir=trace if k == 1 else "")))
+            if "bf16" in args.parts and "jax" in args.frameworks:
+                rec.run(dict(what, dtype="bfloat16"), train_mfu(
+                    lambda k=k: jax_train(trainer("bfloat16", k=k), **timing,
+                                          trace_dir=trace16 if k == 1 else ""), "bfloat16"))
+            if k == 1 and "train" in args.parts and "torch" in args.frameworks:
+                rec.run(dict(base, part="train", framework="torch", dtype="float32",
                              batch=batch),
-                        lambda: jax_train(trainer("float32"), **timing, trace_dir=trace))
-            if "torch" in args.frameworks:
-                rec.run(dict(config=name, part="train", framework="torch", dtype="float32",
-                             batch=batch),
-                        lambda: torch_side.train(config, compiled=False, **timing))
-        if "bf16" in args.parts and "jax" in args.frameworks:
-            rec.run(dict(config=name, part="train", framework="jax", dtype="bfloat16",
-                         batch=batch),
-                    lambda: jax_train(trainer("bfloat16"), **timing, trace_dir=trace16))
+                        train_mfu(lambda: torch_side.train(config, **timing)))
         if "sample" in args.parts:
             for sampler, steps, full in (("ddpm", args.ddpm_steps, DDPM_STEPS),
                                          ("ddim", args.ddim_steps, DDIM_STEPS)):
-                what = dict(config=name, part="sample", sampler=sampler, images=SAMPLE_IMAGES,
+                what = dict(base, part="sample", sampler=sampler, images=SAMPLE_IMAGES,
                             steps=steps, reported_steps=full)
                 runners = []
                 if "jax" in args.frameworks:
@@ -550,19 +606,23 @@ def run_benchmark(args) -> dict:
                 if "torch" in args.frameworks:
                     runners.append(("torch", lambda s=sampler, n=steps:
                                     torch_side.sampling(config, s, n)))
-                for framework, fn in runners:
+                for framework, fn in runners:  # sampling: one forward pass per step and image
                     rec.run(dict(what, framework=framework),
-                            lambda fn=fn, scale=full / steps: scaled(fn(), scale))
+                            lambda fn=fn, scale=full / steps, full=full: with_mfu(
+                                scaled(fn(), scale), forward(), full, "float32"))
         if "loss" in args.parts and "jax" in args.frameworks:
             loss_batch = args.loss_batch or batch
-            rec.run(dict(config=name, part="loss", framework="jax"),
+            rec.run(dict(base, part="loss", framework="jax"),
                     lambda: bf16_loss_check({d: trainer(d, loss_batch)
                                              for d in ("float32", "bfloat16")},
                                             name, args.loss_steps, loss_batch))
-        if "train" in args.parts and "torch_compile" in args.frameworks:
-            rec.run(dict(config=name, part="train", framework="torch_compile", dtype="float32",
-                         batch=batch),
-                    lambda: torch_side.train(config, compiled=True, **timing))
+        for framework, mode in (("torch_compile", "default"),
+                                ("torch_compile_ro", "reduce-overhead")):
+            if "train" in args.parts and framework in args.frameworks:
+                rec.run(dict(base, part="train", framework=framework, dtype="float32",
+                             batch=batch),
+                        train_mfu(lambda mode=mode: torch_side.train(config, **timing,
+                                                                     compile_mode=mode)))
         trainers.clear()
     rec.data["meta"]["load_avg_end"] = os.getloadavg()
     rec.write()
@@ -574,118 +634,6 @@ def scaled(result: dict, scale: float) -> dict:
     return dict(result, measured_s=result["seconds"], seconds=result["seconds"] * scale)
 
 
-# --- The table ---------------------------------------------------------------------------------
-
-def _mib(n):
-    return f"{n / 2 ** 20:,.0f} MiB" if n else "n/a"
-
-
-def _find(results, **keys):
-    for r in results:
-        if all(r.get(k) == v for k, v in keys.items()):
-            return r
-    return None
-
-
-def markdown_table(runs) -> str:
-    """One Markdown report from the JSON of one or more runs (e.g. one per config)."""
-    lines = []
-    for data in runs:  # the header of each run (runs split by framework share one)
-        m = data["meta"]
-        v = m["versions"]
-        torch_settings = m.get("torch") or {}
-        lines += [
-            f"Device: JAX {m['jax_device']}; PyTorch {torch_settings.get('name') or torch_settings.get('device', 'n/a')}; "
-            f"CPU {m['cpu']} x{m['cpu_count']}; load average at start "
-            f"{', '.join(f'{x:.1f}' for x in m['load_avg_start'])}"
-            + (f", at end {', '.join(f'{x:.1f}' for x in m['load_avg_end'])}"
-               if 'load_avg_end' in m else ""),
-            f"Versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax "
-            f"{v['flax']}, optax {v['optax']}, torch {v['torch']}; XLA_FLAGS='{m['xla_flags']}'"
-            f"; GLIBC_TUNABLES='{m.get('glibc_tunables', '')}'",
-            f"JAX step: {m.get('train_step', 'ddpm_jax.training.make_train_step')}. "
-            f"Command: `{m['command']}`"
-            + (" (--quick: few timed steps; sampling measured over fewer steps and scaled)"
-               if m["quick"] else ""), ""]
-    lines = [line for line in dict.fromkeys(lines) if line] + [""]
-    results = [r for data in runs for r in data["results"]]
-    errors = [e for data in runs for e in data["errors"]]
-    configs = list(dict.fromkeys(r["config"] for r in results + errors))
-    lines += ["| config | measure | JAX | PyTorch eager | torch.compile | JAX / eager | "
-              "JAX / compile |", "|---|---|---|---|---|---|---|"]
-
-    def ratio(a, b):
-        return f"{a / b:.2f}x" if a and b else ""
-
-    for name in configs:
-        jax32 = _find(results, config=name, part="train", framework="jax", dtype="float32")
-        jax16 = _find(results, config=name, part="train", framework="jax", dtype="bfloat16")
-        eager = _find(results, config=name, part="train", framework="torch")
-        comp = _find(results, config=name, part="train", framework="torch_compile")
-        batch = next((r["batch"] for r in (jax32, jax16, eager, comp) if r), "?")
-
-        def cell(r, key, fmt):
-            return fmt(r[key]) if r and r.get(key) is not None else "-"
-
-        def ips(r):
-            return cell(r, "images_per_s", lambda x: f"{x:,.1f}")
-
-        def peak(r):
-            """Device memory; on CPU the process's peak RSS so far (all parts before it too)."""
-            if r and r.get("device_peak_bytes") is None:
-                return f"RSS {_mib(r['rss_peak_bytes'])}"
-            return cell(r, "device_peak_bytes", _mib)
-
-        def get(r, key):
-            return r.get(key) if r else None
-
-        lines.append(f"| {name} | train images/s, f32 (batch {batch}) | {ips(jax32)} | "
-                     f"{ips(eager)} | {ips(comp)} | "
-                     f"{ratio(get(jax32, 'images_per_s'), get(eager, 'images_per_s'))} | "
-                     f"{ratio(get(jax32, 'images_per_s'), get(comp, 'images_per_s'))} |")
-        lines.append(f"| {name} | train images/s, JAX bf16 | {ips(jax16)} | {ips(eager)} | "
-                     f"{ips(comp)} | "
-                     f"{ratio(get(jax16, 'images_per_s'), get(eager, 'images_per_s'))} | "
-                     f"{ratio(get(jax16, 'images_per_s'), get(comp, 'images_per_s'))} |")
-        lines.append(f"| {name} | first step s (compile) f32 / bf16 | "
-                     f"{cell(jax32, 'first_step_s', '{:.1f}'.format)} / "
-                     f"{cell(jax16, 'first_step_s', '{:.1f}'.format)} | "
-                     f"{cell(eager, 'first_step_s', '{:.1f}'.format)} | "
-                     f"{cell(comp, 'first_step_s', '{:.1f}'.format)} | | |")
-        lines.append(f"| {name} | peak memory, f32 (JAX: process peak / XLA program) | "
-                     f"{peak(jax32)} / {cell(jax32, 'program_bytes', _mib)} | "
-                     f"{peak(eager)} | {peak(comp)} | | |")
-        for sampler in ("ddpm", "ddim"):
-            j = _find(results, config=name, part="sample", sampler=sampler, framework="jax")
-            t = _find(results, config=name, part="sample", sampler=sampler, framework="torch")
-            if not (j or t):
-                continue
-            ref = j or t
-            measured = ("" if ref["steps"] == ref["reported_steps"]
-                        else f", scaled from {ref['steps']} steps")
-            lines.append(
-                f"| {name} | sample {SAMPLE_IMAGES} x {ref['reported_steps']} {sampler.upper()} "
-                f"steps, s{measured} | {cell(j, 'seconds', '{:.2f}'.format)} "
-                f"(compile {cell(j, 'compile_s', '{:.1f}'.format)}) | "
-                f"{cell(t, 'seconds', '{:.2f}'.format)} | | "
-                f"{ratio(get(t, 'seconds'), get(j, 'seconds'))} | |")
-    losses = [r for r in results if r["part"] == "loss"]
-    if losses:
-        lines += ["", "| config | bf16 vs f32 loss | steps x batch | f32 mean | bf16 mean | "
-                  "diff | 2 s.e. | within noise |", "|---|---|---|---|---|---|---|---|"]
-        for r in losses:
-            lines.append(
-                f"| {r['config']} | first {r['float32_first']:.4f} / {r['bfloat16_first']:.4f} "
-                f"| {r['steps']} x {r['batch']} (mean of last {r['tail']}) | "
-                f"{r['float32_tail_mean']:.4f} | {r['bfloat16_tail_mean']:.4f} | "
-                f"{r['tail_diff']:+.4f} | {2 * r['noise_se']:.4f} | {r['within_noise']} |")
-    if errors:
-        lines += ["", "Failed parts:"]
-        lines += [f"- {' '.join(f'{k}={v}' for k, v in e.items() if k not in ('error', 'traceback'))}: "
-                  f"{e['error'].splitlines()[0][:300] if e['error'] else '?'}" for e in errors]
-    return "\n".join(lines)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="fashion,cifar10",
@@ -694,6 +642,11 @@ def parse_args(argv=None):
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS),
                         help=f"comma-separated: {FRAMEWORKS}")
     parser.add_argument("--batch", type=int, default=0, help="training batch (default 128)")
+    parser.add_argument("--steps-per-call", default="1",
+                        help="comma-separated: the JAX train step's steps per compiled call "
+                             "(config.training.steps_per_call), each measured, e.g. 1,8")
+    parser.add_argument("--label", default="",
+                        help="names this run's rows in the table, e.g. the XLA_FLAGS variant")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed training steps first (the first one compiles)")
@@ -729,6 +682,13 @@ def parse_args(argv=None):
                              ("loss_steps", 10), ("loss_batch", 16)):
             if getattr(args, field) == getattr(defaults, field):
                 setattr(args, field, value)
+    try:
+        args.steps_per_call = [int(v) for v in args.steps_per_call.split(",") if v]
+    except ValueError:
+        parser.error(f"--steps-per-call: integers separated by commas, got "
+                     f"{args.steps_per_call!r}")
+    if not args.steps_per_call or min(args.steps_per_call) < 1:
+        parser.error("--steps-per-call: each value must be >= 1")
     for field in ("steps", "ddpm_steps", "ddim_steps", "loss_steps"):
         if getattr(args, field) < 1:
             parser.error(f"--{field.replace('_', '-')} must be >= 1")

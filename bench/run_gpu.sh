@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# The one prepared call for a lent GPU (issue 7): environment, then bench/benchmark.py
-# for the Fashion-MNIST and CIFAR-10 configs, results into $OUT, table last.
+# The one prepared call for a lent GPU: environment, then bench/benchmark.py, results into
+# $OUT, table last (issue 15: every target in ONE call of ~9 minutes on a cold H100).
 #
-#   bash bench/run_gpu.sh [fashion|cifar10]  # from the repository root; $OUT: where results go
+#   bash bench/run_gpu.sh                    # from the repository root; $OUT: where results go
+#   bash bench/run_gpu.sh fashion cifar10    # some of the runs below only
 #   bash bench/run_gpu.sh profile            # the conv-formulation study and kernel profiles
 #
-# On a cold H100 the Fashion-MNIST run takes ~8 minutes and CIFAR-10 ~3, most of it XLA
-# and torch.compile compiling: more than one 10-minute call, so BENCHMARKS.md runs them
-# as two calls (FASHION_LIMIT / CIFAR_LIMIT: each process's time limit, s). Each config
-# runs in its own process (JAX's peak-memory counter is per process, and a timeout keeps
-# the parts done); inside a process every part is caught, and the JSON is rewritten after
-# each part. JAX and PyTorch share the GPU in one process (JAX allocates on demand).
-# CIFAR-10 skips sampling and torch.compile (CIFAR_PARTS: its parts, default train,bf16).
-# TRACE=1 adds the JAX steps' top GPU kernels (~50 s more per config).
-# Files back: env.txt, run.log, <config>.json, table.md.
+# Runs, in order of priority, each its own process under a time limit (s; a timeout keeps
+# the parts done, the JSON is rewritten after each part):
+#   fashion (FASHION_LIMIT 320)  f32, batch 128: JAX with steps_per_call 1 and 8 against
+#                PyTorch eager, torch.compile default and mode='reduce-overhead' (CUDA
+#                graphs); 64 x 200 DDPM and 64 x 50 DDIM sampling against the PyTorch loops.
+#   cifar10 (CIFAR_LIMIT 120)    bf16, batch 128, JAX only: MFU against the bf16 peak.
+#   fashion_nocb (NOCB_LIMIT 90) the Fashion JAX step (k = 1) again with XLA's command buffers
+#                (CUDA graphs) off, XLA_FLAGS=--xla_gpu_enable_command_buffer= (the rows
+#                "fashion nocb"; the fashion run has XLA's default command buffers).
+# Every JAX row carries its MFU (bench/flops.py). BENCH_ARGS is appended to every
+# benchmark call (the CPU check: BENCH_ARGS="--quick --batch 8 --steps 1 --warmup 1
+# --ddpm-steps 2 --ddim-steps 2"). TRACE=1 adds the JAX steps' top GPU kernels.
+# Files back: env.txt, run.log, <run>.json, table.md.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -54,23 +59,25 @@ fi
 run() {  # run <name> <time limit s> <benchmark args...>
   local name=$1 limit=$2
   shift 2
-  echo "=== $name (limit ${limit}s): $*"
+  echo "=== $name (limit ${limit}s): $* ${BENCH_ARGS:-}"
   timeout --signal=TERM --kill-after=10 "$limit" "$PY" bench/benchmark.py "$@" \
-    --out "$OUT/$name.json" ${TRACE:+--trace-dir /tmp/traces}
+    --out "$OUT/$name.json" ${TRACE:+--trace-dir /tmp/traces} ${BENCH_ARGS:-}
   echo "=== $name exit $?"
 }
 
-CONFIGS="${1:-fashion cifar10}"
+RUNS="${*:-fashion cifar10 fashion_nocb}"
 {
-  for config in $CONFIGS; do
-    case $config in
-      # Fashion-MNIST: training f32/bf16, sampling, 200-step bf16-vs-f32 losses, torch.compile.
-      fashion) run fashion "${FASHION_LIMIT:-480}" --configs fashion --steps 10 --warmup 3 \
-                 --loss-steps 200 ;;
-      # CIFAR-10: training f32/bf16 against PyTorch eager.
-      cifar10) run cifar10 "${CIFAR_LIMIT:-240}" --configs cifar10 --frameworks jax,torch \
-                 --steps 10 --warmup 3 --parts "${CIFAR_PARTS:-train,bf16}" ;;
-      *) echo "unknown config $config; valid: fashion, cifar10, profile"; exit 2 ;;
+  for name in $RUNS; do
+    case $name in
+      fashion) run fashion "${FASHION_LIMIT:-320}" --configs fashion --parts train,sample \
+                 --frameworks jax,torch,torch_compile,torch_compile_ro --steps-per-call 1,8 \
+                 --steps 10 --warmup 2 ;;
+      cifar10) run cifar10 "${CIFAR_LIMIT:-120}" --configs cifar10 --parts bf16 \
+                 --frameworks jax --steps 10 --warmup 2 ;;
+      fashion_nocb) (export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer="
+                 run fashion_nocb "${NOCB_LIMIT:-90}" --configs fashion --parts train \
+                 --frameworks jax --steps 10 --warmup 2 --label nocb) ;;
+      *) echo "unknown run $name; valid: fashion, cifar10, fashion_nocb, profile"; exit 2 ;;
     esac
   done
   "$PY" bench/benchmark.py --report "$OUT"/*.json | tee "$OUT/table.md"

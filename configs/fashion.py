@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
         nan_policy="skip",         # skip | stop: what a non-finite loss or gradient does
         compilation_cache_dir="~/.cache/ddpm_jax/xla",  # "" = off
         label_dropout=0.1,         # conditional models: share of labels replaced by "no class"
+        # Steps per compiled call (k > 1: one lax.scan, for launch-bound GPUs; 4x slower on
+        # XLA:CPU). Log/checkpoint/sample/total steps must be multiples. docs/speed.md
+        steps_per_call=1,
     ))
 
     config.sampling = ml_collections.ConfigDict(dict(

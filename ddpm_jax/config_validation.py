@@ -36,7 +36,7 @@ FIELDS = {
         "training": ("batch_size", "num_train_steps", "num_epochs", "log_every",
                      "checkpoint_every", "keep_checkpoints", "sample_every",
                      "num_sample_images", "nan_policy", "compilation_cache_dir",
-                     "label_dropout"),
+                     "label_dropout", "steps_per_call"),
         "sampling": ("sampler", "ddim_steps", "ddim_eta", "clip_denoised", "guidance"),
 }
 
@@ -252,12 +252,16 @@ def _check_optim(check: _Checker) -> None:
     check.boolean("optim.ema_warmup")
 
 
+def _multiples_near(value: int, divisor: int) -> str:
+    """The multiples of `divisor` either side of `value`, e.g. '96 or 104'."""
+    below = value // divisor * divisor
+    return " or ".join(str(v) for v in (below, below + divisor) if v > 0)
+
+
 def _divisible(check: _Checker, path: str, value: int, divisor: int, what: str) -> None:
     if value % divisor:
-        below = value // divisor * divisor
-        options = " or ".join(str(v) for v in (below, below + divisor) if v > 0)
         check.error(path, f"must be divisible by the {divisor} {what} (each gets an equal "
-                          f"share); e.g. {options}")
+                          f"share); e.g. {_multiples_near(value, divisor)}")
 
 
 def _check_training(check: _Checker, num_devices: int, process_count: int) -> None:
@@ -275,6 +279,30 @@ def _check_training(check: _Checker, num_devices: int, process_count: int) -> No
     check.choice("training.nan_policy", NAN_POLICIES)
     check.string("training.compilation_cache_dir")
     check.number("training.label_dropout", minimum=0.0, maximum=1.0)
+    _check_steps_per_call(check)
+
+
+def _check_steps_per_call(check: _Checker) -> None:
+    """Logs, checkpoints, samples, evaluations and the end fall on call boundaries: every
+    step count must be a multiple of config.training.steps_per_call."""
+    if not check.integer("training.steps_per_call", minimum=1):
+        return
+    k = check.get("training.steps_per_call")
+    paths = ["training.num_train_steps", "training.log_every", "training.checkpoint_every",
+             "training.sample_every"]
+    if "eval" in check.config:
+        paths += ["eval.bpd_every", "eval.fid_every"]
+    for path in paths:
+        value = check.get(path)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0 and value % k:
+            check.error(path, steps_per_call_message(value, k))
+
+
+def steps_per_call_message(value: int, k: int) -> str:
+    """What to do when a step count is not a multiple of config.training.steps_per_call."""
+    return (f"must be a multiple of config.training.steps_per_call = {k} (each compiled call "
+            f"runs {k} steps); e.g. {_multiples_near(value, k)}, or a steps_per_call that "
+            f"divides {value}")
 
 
 def _check_sampling(check: _Checker) -> None:

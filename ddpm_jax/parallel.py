@@ -86,6 +86,11 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def stacked_batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Batches for several steps stacked as [k, B, ...]: each step's batch split over 'data'."""
+    return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
 def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
     """The global batch array, split over 'data', from this process's rows of it.
 
@@ -94,6 +99,15 @@ def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
     """
     global_shape = (local_batch.shape[0] * jax.process_count(),) + local_batch.shape[1:]
     return jax.make_array_from_process_local_data(batch_sharded(mesh), local_batch, global_shape)
+
+
+def global_batches(local_batches: np.ndarray, mesh: Mesh) -> jax.Array:
+    """`global_batch` for k steps at once: [k, B / P, ...] rows of this process -> the global
+    [k, B, ...] array, split over 'data' on axis 1."""
+    k, local = local_batches.shape[:2]
+    global_shape = (k, local * jax.process_count()) + local_batches.shape[2:]
+    return jax.make_array_from_process_local_data(stacked_batch_sharded(mesh), local_batches,
+                                                  global_shape)
 
 
 def any_process(flag: bool) -> bool:
@@ -107,3 +121,4 @@ def barrier(name: str) -> None:
     """Wait until every process reaches the barrier `name` (no-op for a single process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+

@@ -130,11 +130,21 @@ def drop_labels(labels: jax.Array, example_keys: jax.Array, rate: float, num_cla
     return jnp.where(drop, embeddings.null_label(num_classes), labels)
 
 
+def _parts(batch) -> Tuple[np.ndarray, ...]:
+    """A batch as the step's inputs: (images,) or, from a labeled iterator, (images, labels)."""
+    return batch if isinstance(batch, tuple) else (batch,)
+
+
 def make_train_step(config, model, schedule: DiffusionSchedule,
-                    optimizer: optax.GradientTransformation, mesh):
+                    optimizer: optax.GradientTransformation, mesh, steps_per_call: int = 1):
     """`train_step` jitted over `mesh`: batch split over 'data', state replicated and donated.
 
     Called as step(state, images), or step(state, images, labels) for a conditional model.
+    steps_per_call k > 1: k steps in one program (`lax.scan` of the same step,
+    one dispatch instead of k: the launch-bound GPU step's lever) over batches
+    stacked as [k, B, ...], split over 'data' on axis 1; the metrics come back
+    stacked [k]. k = 4 and k = 8 ran bitwise alike on XLA:CPU; k = 1 agrees to
+    float32 rounding only, as XLA compiles a loop body differently (docs/speed.md).
     """
     replicated, batch_sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
@@ -142,8 +152,17 @@ def make_train_step(config, model, schedule: DiffusionSchedule,
         return train_step(state, *batch, model=model, schedule=schedule, optimizer=optimizer,
                           config=config, batch_sharding=batch_sharded)
 
-    batch_shardings = (batch_sharded,) * (2 if model.num_classes else 1)
-    return jax.jit(step, in_shardings=(replicated, *batch_shardings),
+    num_inputs = 2 if model.num_classes else 1  # images, and labels for a conditional model
+    if steps_per_call == 1:
+        return jax.jit(step, in_shardings=(replicated,) + (batch_sharded,) * num_inputs,
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+
+    def steps(state, *batches):
+        return jax.lax.scan(lambda s, batch: step(s, *batch), state, batches,
+                            length=steps_per_call)
+
+    stacked = parallel.stacked_batch_sharded(mesh)
+    return jax.jit(steps, in_shardings=(replicated,) + (stacked,) * num_inputs,
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -153,6 +172,22 @@ def num_train_steps(config, num_examples: int) -> int:
         return config.training.num_train_steps
     per_epoch = input_pipeline.steps_per_epoch(num_examples, config.training.batch_size)
     return max(1, int(round(config.training.num_epochs * per_epoch)))
+
+
+def _check_call_boundaries(config, total_steps: int, start_step: int) -> None:
+    """The run's end (from num_epochs) and its resumed step must fall on call boundaries
+    (config_validation checks the explicit step counts)."""
+    k = config.training.steps_per_call
+    if total_steps % k:
+        raise config_validation.ConfigError(
+            f"config.training.num_epochs = {config.training.num_epochs} gives {total_steps} "
+            f"steps: set config.training.num_train_steps; it "
+            + config_validation.steps_per_call_message(total_steps, k))
+    if start_step % k:
+        raise config_validation.ConfigError(
+            f"config.training.steps_per_call = {k}: the checkpoint resumed is at step "
+            f"{start_step}, not a multiple of it; resume with a steps_per_call that divides "
+            f"{start_step}")
 
 
 def configure_compilation_cache(config) -> None:
@@ -220,7 +255,7 @@ class _Loop:
         primary = jax.process_index() == 0
         self.writer = MetricsWriter(workdir, enabled=primary, resume_step=start_step)
         self.console = ConsoleReporter(total_steps, enabled=primary, stream=console_stream)
-        self.pending: List[Tuple[int, Dict[str, jax.Array]]] = []
+        self.pending: List[Tuple[int, Dict[str, jax.Array], int]] = []
         self.last_checkpoint: Optional[int] = start_step if start_step > 0 else None
         self.interval_start, self.interval_steps = time.perf_counter(), 0
         self.input_wait_s = 0.0
@@ -233,17 +268,22 @@ class _Loop:
         self.input_wait_s += time.perf_counter() - start
         return batch
 
-    def record(self, step: int, metrics: Dict[str, jax.Array]) -> None:
-        self.pending.append((step, metrics))
-        self.interval_steps += 1
+    def record(self, step: int, metrics: Dict[str, jax.Array], count: int = 1) -> None:
+        """Metrics of the call that ended at `step`: `count` steps' values stacked if > 1."""
+        self.pending.append((step, metrics, count))
+        self.interval_steps += count
         self.console.step(step)
 
     def flush(self) -> None:
         """Read the pending metrics (the only device sync), check finiteness, write a row."""
         if not self.pending:
             return
-        steps = [s for s, _ in self.pending]
-        values = jax.device_get([m for _, m in self.pending])
+        steps, values = [], []
+        for (last, _, count), fetched in zip(self.pending,
+                                             jax.device_get([m for _, m, _ in self.pending])):
+            steps += range(last - count + 1, last + 1)  # a call's metrics: stacked if count > 1
+            values += [fetched] if count == 1 else [
+                {name: v[i] for name, v in fetched.items()} for i in range(count)]
         self.pending = []
         bad = [s for s, v in zip(steps, values) if not v["finite"]]
         if bad and self.config.training.nan_policy == "stop":
@@ -370,14 +410,21 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
     else:
         state, start_step, _ = restored
 
+    k = config.training.steps_per_call
+    _check_call_boundaries(config, total_steps, start_step)
     size, channels = config.data.image_size, config.data.channels
-    batch_abstract = [jax.ShapeDtypeStruct((config.training.batch_size, size, size, channels),
-                                           jnp.float32, sharding=parallel.batch_sharded(mesh))]
-    if model.num_classes:
-        batch_abstract.append(jax.ShapeDtypeStruct(
-            (config.training.batch_size,), jnp.int32, sharding=parallel.batch_sharded(mesh)))
+    batch_shape = (config.training.batch_size, size, size, channels)
+    shapes = [batch_shape] + ([batch_shape[:1]] if model.num_classes else [])
+    dtypes = [jnp.float32, jnp.int32]
+    batch_abstract = [
+        jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharded(mesh)) if k == 1
+        else jax.ShapeDtypeStruct((k, *shape), dtype, sharding=parallel.stacked_batch_sharded(mesh))
+        for shape, dtype in zip(shapes, dtypes)]
+    if k > 1 and jax.default_backend() == "cpu":
+        log.warning("config.training.steps_per_call = %d: XLA:CPU runs the scanned step about "
+                    "4x slower than single steps (docs/speed.md); use 1 on a CPU", k)
     compile_start = time.perf_counter()
-    step_fn = make_train_step(config, model, schedule, optimizer, mesh).lower(
+    step_fn = make_train_step(config, model, schedule, optimizer, mesh, k).lower(
         abstract, *batch_abstract).compile()
     log.info("Compiled the train step in %.1f s; %s from step %d to %d on %d device(s), "
              "%d process(es)", time.perf_counter() - compile_start,
@@ -398,11 +445,15 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
             if _stop_requested(stop_event, step, t.log_every):
                 status = "preempted"
                 break
-            batch = loop.next_batch(batches)
-            batch = batch if isinstance(batch, tuple) else (batch,)
-            state, metrics = step_fn(state, *(parallel.global_batch(b, mesh) for b in batch))
-            step += 1
-            loop.record(step, metrics)
+            if k == 1:
+                state, metrics = step_fn(state, *(parallel.global_batch(part, mesh)
+                                                  for part in _parts(loop.next_batch(batches))))
+            else:  # k batches at once, one dispatch
+                calls = [_parts(loop.next_batch(batches)) for _ in range(k)]
+                state, metrics = step_fn(state, *(parallel.global_batches(np.stack(part), mesh)
+                                                  for part in zip(*calls)))
+            step += k
+            loop.record(step, metrics, k)
             if step % t.log_every == 0:
                 loop.flush()
             if step % t.checkpoint_every == 0:

@@ -114,6 +114,16 @@ BAD_VALUES = [
      "config.sampling.ddim_steps = 30: must be in [1, 20]"),
     ("sampling.ddim_steps", 0, {}, "config.sampling.ddim_steps = 0: must be in [1, inf)"),
     ("eval.bpd_every", -1, {}, "config.eval.bpd_every must be >= 0, got -1"),
+    ("training.steps_per_call", 0, {},
+     "config.training.steps_per_call = 0: must be in [1, inf)"),
+    ("training.log_every", 6, {"training.steps_per_call": 4},
+     "config.training.log_every = 6: must be a multiple of config.training.steps_per_call = 4 "
+     "(each compiled call runs 4 steps); e.g. 4 or 8, or a steps_per_call that divides 6"),
+    ("training.num_train_steps", 42, {"training.steps_per_call": 4},
+     "config.training.num_train_steps = 42: must be a multiple of "
+     "config.training.steps_per_call = 4"),
+    ("eval.bpd_every", 10, {"training.steps_per_call": 4},
+     "config.eval.bpd_every = 10: must be a multiple of config.training.steps_per_call = 4"),
 ]
 
 

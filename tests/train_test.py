@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import metrics_writer, training
+from ddpm_jax import config_validation, metrics_writer, training
 from tests.train_helpers import (enable_compilation_cache, read_events, restored_state,
                                  run_train_py, subprocess_env, tiny_config)
 
@@ -163,3 +163,19 @@ def test_console_shows_step_loss_speed_and_time_left():
     console = metrics_writer.ConsoleReporter(100, enabled=True, stream=stream)
     console.log(40, 0.0512, 1234.5, 3725.0)
     assert stream.getvalue() == "step 40/100 | loss 0.0512 | 1,234 img/s | 1:02:05 left\n"
+
+
+def test_steps_per_call_must_divide_the_epochs_steps_and_the_resumed_step():
+    """What config_validation cannot see: the length from num_epochs, the checkpoint's step."""
+    from configs import fashion
+    config = fashion.get_config()
+    config.training.steps_per_call = 8
+    with pytest.raises(config_validation.ConfigError) as error:
+        training._check_call_boundaries(config, 2340, 0)
+    assert str(error.value).startswith(
+        "config.training.num_epochs = 5 gives 2340 steps: set config.training.num_train_steps; "
+        "it must be a multiple of config.training.steps_per_call = 8 (each compiled call runs 8 "
+        "steps); e.g. 2336 or 2344")
+    with pytest.raises(config_validation.ConfigError, match="checkpoint resumed is at step 12"):
+        training._check_call_boundaries(config, 2336, 12)
+    training._check_call_boundaries(config, 2336, 16)  # both multiples of 8: no error
