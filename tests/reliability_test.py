@@ -1,6 +1,7 @@
 """Issue 8: preemption with exact resume, a torn newest checkpoint, non-finite steps."""
 import os
 import signal
+import threading
 
 import jax
 import numpy as np
