@@ -245,6 +245,27 @@ def test_conditional_resume_is_bitwise_exact_and_grids_show_a_row_per_class(cond
     assert losses(tmp_path) == reference_losses
 
 
+def test_conditional_steps_per_call_follow_single_steps(conditional_run, tmp_path):
+    """Images and labels stacked for k = 2 steps per call: the run follows the single-step
+    one to float32 rounding (a scanned step compiles differently: docs/speed.md)."""
+    config, reference_losses, params, _, _ = conditional_run
+    config = config.copy_and_resolve_references()
+    config.training.steps_per_call = 2
+    config.training.log_every = 2
+    result = training.train(config, str(tmp_path))
+    assert result.step == STEPS
+    got = losses(tmp_path)
+    for step, loss in got.items():  # rows are means over the 2 steps of each call
+        expected = np.mean([reference_losses[step - 1], reference_losses[step]])
+        np.testing.assert_allclose(loss, expected, rtol=1e-4)
+    # Adam moves each weight by up to lr a step whatever the gradient's size, so rounding-level
+    # gradient differences bound the weights' only by lr x steps.
+    bound = config.optim.learning_rate * STEPS
+    for a, b in zip(jax.tree.leaves(jax.tree.map(np.asarray, result.state.params)),
+                    jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=bound)
+
+
 def test_conditional_step_on_eight_devices_matches_one(conditional_run, tmp_path):
     config, reference_losses, params, _, _ = conditional_run
     env = subprocess_env("--xla_force_host_platform_device_count=8")
