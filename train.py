@@ -20,7 +20,8 @@ import sys  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import checkpointing, config_validation, console, parallel, training  # noqa: E402
+from ddpm_jax import (checkpointing, config_validation, console, parallel,  # noqa: E402
+                      preemption, training)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -60,7 +61,7 @@ def main(argv):
     config = _CONFIG.value
     training.configure_compilation_cache(config)
     try:
-        with training.stop_on_signals() as stop:
+        with preemption.stop_on_signals() as stop:
             result = training.train(config, _WORKDIR.value, stop_event=stop,
                                     allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except config_validation.ConfigError as e:

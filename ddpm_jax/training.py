@@ -13,12 +13,10 @@ EMA and optimizer state as they were and counts the step in
 stop at its next read of the metrics (at the latest before the next
 checkpoint, so no checkpoint holds a state past a non-finite step).
 """
-import contextlib
 import dataclasses
 import logging
 import math
 import os
-import signal
 import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -477,33 +475,3 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
         loop.close()
     return TrainResult(state=state, step=step, status=status)
 
-
-class StopRequest(threading.Event):
-    """Set by the first SIGTERM/SIGINT; `signum` says which (0 before)."""
-    signum: int = 0
-
-
-@contextlib.contextmanager
-def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)) -> Iterator[StopRequest]:
-    """An event that the first SIGTERM/SIGINT sets, asking `train` to checkpoint and return.
-
-    A second SIGINT (Ctrl-C again) aborts at once with KeyboardInterrupt; the
-    previous handlers are restored on exit.
-    """
-    event = StopRequest()
-
-    def handle(signum, frame):
-        del frame
-        if event.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        event.signum = signum
-        event.set()
-        log.warning("Received %s: finishing the current step, then saving a checkpoint "
-                    "(Ctrl-C again to abort without saving)", signal.Signals(signum).name)
-
-    previous = {s: signal.signal(s, handle) for s in signals}
-    try:
-        yield event
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
