@@ -62,9 +62,12 @@ def get_config() -> ml_collections.ConfigDict:
         b2=0.999,
         eps=1e-8,
         ema_decay=0.995,           # the final decay; see ema_warmup
-        # Warm the decay up as min(ema_decay, (1 + n) / (10 + n)) after n updates, so the
-        # EMA does not keep the random initialisation (docs/sample_quality.md).
+        # Warm the decay up as min(ema_decay, (1 + m) / (10 + m)) after m averaged updates,
+        # so the EMA does not keep the random initialisation (docs/sample_quality.md).
         ema_warmup=True,
+        # The EMA copies the weights for this many updates and averages from then on
+        # (ema-pytorch's update_after_step): an average lags the fast first steps.
+        ema_start=100,
     ))
 
     config.training = ml_collections.ConfigDict(dict(

@@ -32,7 +32,7 @@ FIELDS = {
         "model": ("dim", "init_dim", "dim_mults", "with_time_emb", "resnet_block_groups",
                   "use_convnext", "convnext_mult", "dropout", "dtype", "num_classes"),
         "optim": ("learning_rate", "warmup_steps", "grad_clip_norm", "b1", "b2", "eps",
-                  "ema_decay", "ema_warmup"),
+                  "ema_decay", "ema_warmup", "ema_start"),
         "training": ("batch_size", "num_train_steps", "num_epochs", "log_every",
                      "checkpoint_every", "keep_checkpoints", "sample_every",
                      "num_sample_images", "nan_policy", "compilation_cache_dir",
@@ -250,6 +250,7 @@ def _check_optim(check: _Checker) -> None:
     check.number("optim.eps", minimum=0.0, exclusive_minimum=True)
     check.number("optim.ema_decay", minimum=0.0, maximum=1.0, exclusive_maximum=True)
     check.boolean("optim.ema_warmup")
+    check.integer("optim.ema_start", minimum=0)
 
 
 def _multiples_near(value: int, divisor: int) -> str:

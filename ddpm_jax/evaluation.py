@@ -22,7 +22,7 @@ parameters replicated, results replicated so every process can read them.
 import logging
 import math
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +165,10 @@ class ClassifierScorer:
         self.reference = fid.feature_statistics(features)
 
     def __call__(self, samples: np.ndarray) -> Dict[str, float]:
+        return self.scores_and_features(samples)[0]
+
+    def scores_and_features(self, samples: np.ndarray) -> Tuple[Dict[str, float], np.ndarray]:
+        """The scores, and the features [N, D] behind them (for bootstrap intervals)."""
         logits, features = classifier.predict(self._apply, self.params, samples)
         histogram = classifier.class_histogram(logits, self.model.num_classes)
         scores = {"classifier_fd": fid.frechet_distance(fid.feature_statistics(features),
@@ -173,7 +177,7 @@ class ClassifierScorer:
                   "num_classes_covered": histogram["num_classes_covered"]}
         scores.update({f"class_fraction_{k}": float(f)
                        for k, f in enumerate(histogram["class_fractions"])})
-        return scores
+        return scores, features
 
 
 class InceptionScorer:

@@ -68,20 +68,22 @@ def make_optimizer(config) -> optax.GradientTransformation:
 def ema_decay_at(config, applied_steps):
     """The EMA decay of the update that follows `applied_steps` applied updates.
 
-    With `config.optim.ema_warmup`, min(ema_decay, (1 + n) / (10 + n)) (TensorFlow's
-    `ExponentialMovingAverage(num_updates=n)`): the first update keeps 1/10 of the
-    initial weights and after k updates 1 / C(k + 9, 9) of them is left (2e-13 at
-    k = 100; without warmup 0.995^100 = 0.61). A function of the applied-update count
+    0 (the EMA copies the weights) for the first `config.optim.ema_start` updates: an
+    average of the weights lags them while the loss still falls fast. Then, with
+    `config.optim.ema_warmup`, min(ema_decay, (1 + m) / (10 + m)) after m averaged
+    updates (TensorFlow's `ExponentialMovingAverage(num_updates=m)`): the first keeps
+    1/10 of the weights it starts from and after k of them 1 / C(k + 9, 9) is left
+    (2e-13 at k = 100; without warmup 0.995^100 = 0.61). A function of the applied-update count
     only, so it needs no state of its own: skipped steps and resumes stay exact and
     checkpoints keep their structure. (`optax.ema(debias=True)` would add a count and a
     zero-started average to the state, and its debiasing to every read of the weights.)
     `config.optim.ema_decay` stays the final decay, reached after ~1.8k updates at 0.995.
     """
-    decay = config.optim.ema_decay
-    if not config.optim.ema_warmup:
-        return jnp.asarray(decay, jnp.float32)
-    n = jnp.asarray(applied_steps, jnp.float32)
-    return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+    m = jnp.asarray(applied_steps, jnp.float32) - config.optim.ema_start
+    decay = jnp.float32(config.optim.ema_decay)
+    if config.optim.ema_warmup:
+        decay = jnp.minimum(decay, (1.0 + m) / (10.0 + m))
+    return jnp.where(m < 0, jnp.float32(0.0), decay)
 
 
 def create_train_state(config, model: Unet, optimizer: optax.GradientTransformation,

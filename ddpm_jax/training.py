@@ -69,14 +69,8 @@ def train_step(state: TrainState, x_start: jax.Array, labels: Optional[jax.Array
     A conditional model's `labels` [B] are replaced by "no class" with
     probability config.training.label_dropout, drawn from the same key.
     """
-    batch = x_start.shape[0]
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    data_key, dropout_key = jax.random.split(step_key)
-    example_keys = jax.vmap(lambda i: jax.random.fold_in(data_key, i))(jnp.arange(batch))
-    t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0,
-                                              schedule.num_timesteps))(example_keys)
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x_start.shape[1:],
-                                                 x_start.dtype))(example_keys)
+    example_keys, t, noise, dropout_key = step_draws(state.rng, state.step, x_start,
+                                                     schedule.num_timesteps)
     if labels is not None:
         labels = drop_labels(labels, example_keys, config.training.label_dropout,
                              model.num_classes)
@@ -118,6 +112,23 @@ def train_step(state: TrainState, x_start: jax.Array, labels: Optional[jax.Array
                    learning_rate=learning_rate_schedule(config)(applied),
                    finite=finite, skipped_steps=new_state.skipped_steps)
     return new_state, metrics
+
+
+def step_draws(rng: jax.Array, step: jax.Array, x_start: jax.Array, num_timesteps: int):
+    """The step's randomness: (per-example keys, timesteps [B], noise like x_start, dropout key).
+
+    A function of (rng, step, example index) only; bench/quality.py feeds the same
+    draws to the PyTorch design so that both frameworks train on identical numbers.
+    """
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+    data_key, dropout_key = jax.random.split(step_key)
+    example_keys = jax.vmap(lambda i: jax.random.fold_in(data_key, i))(
+        jnp.arange(x_start.shape[0]))
+    t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0,
+                                              num_timesteps))(example_keys)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x_start.shape[1:],
+                                                 x_start.dtype))(example_keys)
+    return example_keys, t, noise, dropout_key
 
 
 def drop_labels(labels: jax.Array, example_keys: jax.Array, rate: float, num_classes: int

@@ -1,4 +1,4 @@
-"""The EMA's warmup (issue 14): how much of the initial parameters the EMA still holds."""
+"""The EMA's start and warmup (issue 14): how much of the initial parameters it still holds."""
 import math
 
 import jax
@@ -21,19 +21,26 @@ def _initial_weight(config, updates: int) -> float:
                           for n in range(updates)]))
 
 
-def test_decay_is_the_warmup_formula_capped_at_ema_decay():
+def test_decay_is_a_copy_then_the_warmup_formula_capped_at_ema_decay():
     config = fashion.get_config()
-    for n in (0, 1, 9, 100, 1790, 1791, 10_000):
+    assert config.optim.ema_start == 100
+    for n in (0, 1, 99):
+        assert float(train_state.ema_decay_at(config, n)) == 0.0
+    for n in (100, 101, 109, 200, 1890, 1891, 10_000):
+        m = n - 100
         assert float(train_state.ema_decay_at(config, n)) == pytest.approx(
-            min(0.995, (1 + n) / (10 + n)), rel=1e-6)
+            min(0.995, (1 + m) / (10 + m)), rel=1e-6)
     config.optim.ema_warmup = False
-    assert float(train_state.ema_decay_at(config, 3)) == pytest.approx(0.995, rel=1e-7)
+    assert float(train_state.ema_decay_at(config, 99)) == 0.0
+    assert float(train_state.ema_decay_at(config, 103)) == pytest.approx(0.995, rel=1e-7)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_defaults_keep_under_1e3_of_the_initialisation_after_100_updates(name):
     config = CONFIGS[name].get_config()
-    assert config.optim.ema_warmup is True
+    assert config.optim.ema_warmup is True and config.optim.ema_start == 100
+    assert _initial_weight(config, 1) == 0.0  # the first update copies the weights
+    config.optim.ema_start = 0
     # prod_{n<100} (1 + n) / (10 + n) = 9! 100! / 109! = 1 / C(109, 9), all below the cap.
     assert _initial_weight(config, 100) == pytest.approx(1 / math.comb(109, 9), rel=1e-4)
     assert _initial_weight(config, 100) < 1e-3
@@ -52,7 +59,7 @@ def test_train_step_leaves_the_formulas_weight_on_the_initial_ema(fashion_mnist_
     by 64 times the product of the decays of the APPLIED updates (a NaN batch is skipped and
     does not advance the warmup)."""
     enable_compilation_cache()
-    config = tiny_config(fashion_mnist_dirs)
+    config = tiny_config(fashion_mnist_dirs, optim__ema_start=0)
     model, optimizer = train_state.create_model(config), train_state.make_optimizer(config)
     mesh = parallel.make_mesh()
     schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
@@ -76,6 +83,36 @@ def test_train_step_leaves_the_formulas_weight_on_the_initial_ema(fashion_mnist_
         np.testing.assert_allclose((b - a) / 64.0, want, rtol=1e-3)
 
 
+def test_the_ema_copies_the_weights_until_ema_start(fashion_mnist_dirs):
+    """Through the real step: bitwise the weights after each of the first ema_start applied
+    updates (a skipped NaN step does not count), then the first average keeps 1/10 of them."""
+    enable_compilation_cache()
+    config = tiny_config(fashion_mnist_dirs, optim__ema_start=2)
+    model, optimizer = train_state.create_model(config), train_state.make_optimizer(config)
+    mesh = parallel.make_mesh()
+    schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
+    step = training.make_train_step(config, model, schedule, optimizer, mesh)
+    with input_pipeline.TrainIterator(training.open_train_source(config),
+                                      config.training.batch_size, 0, random_flip=False) as it:
+        batches = [next(it) for _ in range(4)]
+    batches[1] = np.full_like(batches[1], np.nan)
+    state = jax.device_put(_filled_state(config, 5.0), parallel.replicated(mesh))
+    states = []
+    for batch in batches:
+        state, _ = step(state, parallel.global_batch(batch, mesh))
+        states.append(jax.tree.map(np.asarray, state))
+    assert [int(s.skipped_steps) for s in states] == [0, 1, 1, 1]
+    for s in states[:3]:  # 0, 0 (skipped) and 2 applied updates: copies
+        for p, e in zip(jax.tree.leaves(s.params), jax.tree.leaves(s.ema_params)):
+            np.testing.assert_array_equal(p, e)
+    last = states[3]
+    for before, p, e in zip(jax.tree.leaves(states[2].params), jax.tree.leaves(last.params),
+                            jax.tree.leaves(last.ema_params)):
+        np.testing.assert_allclose(e, 0.1 * before + 0.9 * p, rtol=1e-5, atol=1e-6)
+    assert not all(np.array_equal(p, e) for p, e in zip(jax.tree.leaves(last.params),
+                                                         jax.tree.leaves(last.ema_params)))
+
+
 def test_a_checkpoint_from_before_the_warmup_resumes_and_samples(fashion_mnist_dirs, tmp_path):
     """Checkpoints written before issue 14 hold the same TrainState; their stored config lacks
     optim.ema_warmup and sampling.clip_denoised. Training resumes from one, and sampling it
@@ -83,7 +120,7 @@ def test_a_checkpoint_from_before_the_warmup_resumes_and_samples(fashion_mnist_d
     enable_compilation_cache()
     config = tiny_config(fashion_mnist_dirs, training__num_train_steps=9)
     old = config.to_dict()
-    del old["optim"]["ema_warmup"], old["sampling"]["clip_denoised"]
+    del old["optim"]["ema_warmup"], old["optim"]["ema_start"], old["sampling"]["clip_denoised"]
     checkpointer = checkpointing.Checkpointer(str(tmp_path), keep=3)
     checkpointer.save(7, _filled_state(config).replace(step=np.int32(7)), old)
     checkpointer.close()
@@ -95,13 +132,16 @@ def test_a_checkpoint_from_before_the_warmup_resumes_and_samples(fashion_mnist_d
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(result.state.ema_params))
     stored_config, _, step = checkpointing.load_inference_params(str(tmp_path))
     assert step == 9 and stored_config.optim.ema_warmup is True
+    assert stored_config.optim.ema_start == 100
 
 
 def test_the_new_fields_must_be_booleans():
     config = ml_collections.ConfigDict(tiny.get_config().to_dict(), type_safe=False)
     config.optim.ema_warmup = 1
+    config.optim.ema_start = -1
     config.sampling.clip_denoised = "yes"
     with pytest.raises(ConfigError) as error:
         validate_config(config)
     assert "config.optim.ema_warmup = 1: must be True or False" in str(error.value)
+    assert "config.optim.ema_start = -1" in str(error.value)
     assert "config.sampling.clip_denoised = 'yes': must be True or False" in str(error.value)
