@@ -83,8 +83,9 @@ def parse_variant(name: str):
     """'ema-ddim50-clip' -> ('ema', 'ddim', 50, True)."""
     params, sampler, step = name.split("-")
     kind = sampler.rstrip("0123456789")
+    design_ok = params != "design" or (kind, step) == ("ddpm", "eq11")
     if params not in PARAMS or kind not in sampling.SAMPLERS or \
-            step not in ("eq11", "clip") or (params == "design" and (step, kind) != ("eq11", "ddpm")):
+            step not in ("eq11", "clip") or not design_ok:
         raise ValueError(f"bad variant {name!r}: want {{{','.join(PARAMS)}}}-"
                          f"{{ddpm,ddim}}<steps>-{{eq11,clip}} (design: ddpm...-eq11 only)")
     return params, kind, int(sampler[len(kind):]), step == "clip"

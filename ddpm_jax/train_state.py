@@ -73,11 +73,12 @@ def ema_decay_at(config, applied_steps):
     `config.optim.ema_warmup`, min(ema_decay, (1 + m) / (10 + m)) after m averaged
     updates (TensorFlow's `ExponentialMovingAverage(num_updates=m)`): the first keeps
     1/10 of the weights it starts from and after k of them 1 / C(k + 9, 9) is left
-    (2e-13 at k = 100; without warmup 0.995^100 = 0.61). A function of the applied-update count
-    only, so it needs no state of its own: skipped steps and resumes stay exact and
-    checkpoints keep their structure. (`optax.ema(debias=True)` would add a count and a
-    zero-started average to the state, and its debiasing to every read of the weights.)
-    `config.optim.ema_decay` stays the final decay, reached after ~1.8k updates at 0.995.
+    (2e-13 at k = 100; without warmup 0.995^100 = 0.61). A function of the
+    applied-update count only, so it needs no state of its own: skipped steps and
+    resumes stay exact and checkpoints keep their structure. (`optax.ema(debias=True)`
+    would add a count and a zero-started average to the state, and its debiasing to
+    every read of the weights.) `config.optim.ema_decay` stays the final decay, reached
+    ~1.8k updates after ema_start at 0.995.
     """
     m = jnp.asarray(applied_steps, jnp.float32) - config.optim.ema_start
     decay = jnp.float32(config.optim.ema_decay)

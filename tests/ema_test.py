@@ -54,20 +54,26 @@ def _filled_state(config, shift: float = 0.0):
     return state.replace(ema_params=jax.tree.map(lambda p: p + np.float32(shift), state.params))
 
 
-def test_train_step_leaves_the_formulas_weight_on_the_initial_ema(fashion_mnist_dirs):
-    """The EMA is linear in its start: shifting the start by 64 shifts the EMA after the steps
-    by 64 times the product of the decays of the APPLIED updates (a NaN batch is skipped and
-    does not advance the warmup)."""
-    enable_compilation_cache()
-    config = tiny_config(fashion_mnist_dirs, optim__ema_start=0)
+def _step_and_batches(config, count: int, nan_at: int):
+    """The mesh, the jitted train step and `count` real batches, batch `nan_at` all NaN."""
     model, optimizer = train_state.create_model(config), train_state.make_optimizer(config)
     mesh = parallel.make_mesh()
     schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
     step = training.make_train_step(config, model, schedule, optimizer, mesh)
     with input_pipeline.TrainIterator(training.open_train_source(config),
                                       config.training.batch_size, 0, random_flip=False) as it:
-        batches = [next(it) for _ in range(6)]
-    batches[2] = np.full_like(batches[2], np.nan)
+        batches = [next(it) for _ in range(count)]
+    batches[nan_at] = np.full_like(batches[nan_at], np.nan)
+    return mesh, step, batches
+
+
+def test_train_step_leaves_the_formulas_weight_on_the_initial_ema(fashion_mnist_dirs):
+    """The EMA is linear in its start: shifting the start by 64 shifts the EMA after the steps
+    by 64 times the product of the decays of the APPLIED updates (a NaN batch is skipped and
+    does not advance the warmup)."""
+    enable_compilation_cache()
+    config = tiny_config(fashion_mnist_dirs, optim__ema_start=0)
+    mesh, step, batches = _step_and_batches(config, 6, nan_at=2)
     finals = []
     for shift in (0.0, 64.0):
         state = jax.device_put(_filled_state(config, shift), parallel.replicated(mesh))
@@ -88,14 +94,7 @@ def test_the_ema_copies_the_weights_until_ema_start(fashion_mnist_dirs):
     updates (a skipped NaN step does not count), then the first average keeps 1/10 of them."""
     enable_compilation_cache()
     config = tiny_config(fashion_mnist_dirs, optim__ema_start=2)
-    model, optimizer = train_state.create_model(config), train_state.make_optimizer(config)
-    mesh = parallel.make_mesh()
-    schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
-    step = training.make_train_step(config, model, schedule, optimizer, mesh)
-    with input_pipeline.TrainIterator(training.open_train_source(config),
-                                      config.training.batch_size, 0, random_flip=False) as it:
-        batches = [next(it) for _ in range(4)]
-    batches[1] = np.full_like(batches[1], np.nan)
+    mesh, step, batches = _step_and_batches(config, 4, nan_at=1)
     state = jax.device_put(_filled_state(config, 5.0), parallel.replicated(mesh))
     states = []
     for batch in batches:
