@@ -78,8 +78,9 @@ class MetricsWriter:
 
     On resume at step k, `metrics.jsonl` lines of steps after k (written by the
     interrupted run after its last checkpoint) are dropped, so that the file
-    holds each step once, as the resumed run computes it. The file is kept in
-    memory and rewritten whole at each `flush` (see `ddpm_jax.storage`).
+    holds each step once, as the resumed run computes it. The first `flush` writes
+    the file whole; later ones append the new lines to a local file and rewrite a
+    remote one (Cloud Storage objects cannot be appended to; see `ddpm_jax.storage`).
     """
 
     def __init__(self, workdir: str, *, enabled: bool, resume_step: int = 0):
@@ -113,7 +114,11 @@ class MetricsWriter:
         if not self.enabled:
             return
         if self._written != len(self._lines):
-            storage.write_bytes(self.jsonl_path, "".join(self._lines).encode())
+            if self._remote or self._written is None:
+                storage.write_bytes(self.jsonl_path, "".join(self._lines).encode())
+            else:  # a local file grows by its new lines only
+                with self.jsonl_path.open("a") as f:
+                    f.write("".join(self._lines[self._written:]))
             self._written = len(self._lines)
         if not self._remote:
             self._events.flush()

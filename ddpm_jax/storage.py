@@ -8,7 +8,7 @@ file the project writes under a workdir or to an output path goes through
 here or through `epath` directly, never through `open()` or `os.path`.
 
 Cloud Storage objects can neither be appended to nor renamed atomically, so
-files that grow (metrics.jsonl, TensorBoard event files) are rewritten whole
+there files that grow (metrics.jsonl, TensorBoard event files) are rewritten whole
 (`write_bytes`), and a directory is moved file by file (`move`): on local disk through a temporary file and a rename (a kill
 never leaves a torn file), elsewhere in one upload (which is atomic).
 """

@@ -248,7 +248,7 @@ def sample_grid_labels(num_classes: int, num_images: int) -> Optional[np.ndarray
     max(1, num_images // num_classes) images each; None for an unconditional model."""
     if not num_classes:
         return None
-    return np.repeat(np.arange(num_classes, dtype=np.int32), max(1, num_images // num_classes))
+    return sampling.class_labels("all", num_classes, num_images)[0]
 
 
 # --- The loop ----------------------------------------------------------------------------------

@@ -134,6 +134,23 @@ def test_metrics_file_drops_rows_after_the_resumed_step(tmp_path):
                     {"step": 25, "loss": 0.25, "skipped_steps": 0, "grad_norm": None}]
 
 
+def test_later_flushes_append_to_a_local_metrics_file(tmp_path):
+    """The first flush writes the file whole, later ones only add their rows (the same file,
+    not a rewritten copy), so a long run does not rewrite a growing file at every log step."""
+    writer = metrics_writer.MetricsWriter(str(tmp_path), enabled=True)
+    writer.write_scalars(1, {"loss": 0.5})
+    writer.flush()
+    path = tmp_path / metrics_writer.METRICS_FILE
+    inode = path.stat().st_ino
+    writer.flush()  # nothing new: nothing written
+    writer.write_scalars(2, {"loss": 0.25})
+    writer.write_scalars(3, {"loss": 0.125})
+    writer.close()
+    assert path.stat().st_ino == inode
+    assert metrics_writer.read_metrics(str(tmp_path)) == [
+        {"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}, {"step": 3, "loss": 0.125}]
+
+
 def test_tensorboard_reads_every_scalar_and_image(tmp_path):
     writer = metrics_writer.MetricsWriter(str(tmp_path), enabled=True)
     writer.write_scalars(3, {"loss": 0.25, "skipped_steps": 2})
