@@ -19,6 +19,9 @@ DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 ConditionalDenoiseFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 LOSS_TYPES = ("l1", "l2", "huber")
+# What the network predicts: the noise (the design's), the clean image, or
+# v = alpha * eps - sigma * x0 (Salimans & Ho 2022).
+OBJECTIVES = ("eps", "x0", "v")
 
 
 def extract(a: jnp.ndarray, t: jnp.ndarray, x_shape: Sequence[int]) -> jnp.ndarray:
@@ -75,6 +78,26 @@ def predict_start_from_noise(schedule: DiffusionSchedule, x_t, t, noise):
     """x_0 implied by x_t and the noise that produced it."""
     return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
             - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+
+
+def predict_x0_eps(schedule: DiffusionSchedule, objective: str, x_t, t, output
+                   ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+    """(x0, eps) implied by x_t and a network `output` trained on `objective`.
+
+    The one conversion every sampler and the bound use, so that each works with
+    every objective. With alpha = sqrt(alpha_bar_t), sigma = sqrt(1 - alpha_bar_t):
+    eps -> x0 = (x_t - sigma eps) / alpha; x0 -> eps = (x_t - alpha x0) / sigma;
+    v -> x0 = alpha x_t - sigma v, eps = sigma x_t + alpha v.
+    """
+    if objective == "eps":
+        return predict_start_from_noise(schedule, x_t, t, output), output
+    alpha = extract(schedule.sqrt_alphas_cumprod, t, x_t.shape)
+    sigma = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+    if objective == "x0":
+        return output, (x_t - alpha * output) / sigma
+    if objective == "v":
+        return alpha * x_t - sigma * output, sigma * x_t + alpha * output
+    raise ValueError(f"unknown objective {objective!r}; valid choices: {list(OBJECTIVES)}")
 
 
 def q_posterior(schedule: DiffusionSchedule, x_start, x_t, t
