@@ -141,7 +141,8 @@ class Checkpointer:
     """Saves and restores a workdir's checkpoints; every process of a run makes one."""
 
     def __init__(self, workdir: str, keep: int):
-        self.workdir = epath.Path(workdir)
+        # Orbax's background save thread refuses relative paths.
+        self.workdir = storage.absolute(workdir)
         self.directory = self.workdir / CHECKPOINT_SUBDIR
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
