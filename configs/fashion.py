@@ -29,6 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
         random_flip=True,
         tfds_data_dir="",          # "" -> $TFDS_DATA_DIR, else ~/tensorflow_datasets; gs:// works
         manual_dir="",             # official files; "" -> $DDPM_JAX_MANUAL_DIR
+        converted_data_dir="",     # where a tfrecord-prepared dataset is converted to
+                                   # ArrayRecord (once); "" -> next to its files; gs:// works
         image_key="image",         # the TFDS image feature
         train_split="train",       # TFDS split string, e.g. "train[:90%]" (held out: eval.split)
         in_memory_max_bytes=1 << 30,  # splits larger than this, decoded, are streamed from disk

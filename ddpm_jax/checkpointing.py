@@ -40,7 +40,7 @@ IDENTITY_FIELDS = ("model", "diffusion", "data.image_size", "data.channels")
 LATER_FIELDS = {"model.num_classes": 0, "training.label_dropout": 0.1, "sampling.guidance": 0.0,
                 "optim.ema_warmup": False, "optim.ema_start": 0, "sampling.clip_denoised": False,
                 "training.steps_per_call": 1, "data.image_key": "image",
-                "data.train_split": "train"}
+                "data.train_split": "train", "data.converted_data_dir": ""}
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ FIELDS = {
         "": ("seed",),
         "data": ("dataset", "folder", "image_size", "channels", "random_flip",
                  "tfds_data_dir", "manual_dir", "image_key", "train_split",
-                 "in_memory_max_bytes", "worker_count"),
+                 "in_memory_max_bytes", "worker_count", "converted_data_dir"),
         "diffusion": ("timesteps", "beta_schedule", "loss_type"),
         "model": ("dim", "init_dim", "dim_mults", "with_time_emb", "resnet_block_groups",
                   "use_convnext", "convnext_mult", "dropout", "dtype", "num_classes"),
@@ -147,7 +147,8 @@ def _check_keys(check: _Checker) -> None:
 def _check_data(check: _Checker) -> None:
     """The fields' types and ranges; whether the TFDS dataset, its image feature and split
     exist is checked when it is opened (`input_pipeline.open_source`), still before compiling."""
-    for path in ("data.folder", "data.tfds_data_dir", "data.manual_dir"):
+    for path in ("data.folder", "data.tfds_data_dir", "data.manual_dir",
+                 "data.converted_data_dir"):
         check.string(path)
     for path in ("data.dataset", "data.image_key", "data.train_split"):
         if check.string(path) and not check.get(path):

@@ -3,7 +3,9 @@
 TFDS datasets are prepared once per data directory in ArrayRecord format, so
 that reading them later needs neither TensorFlow nor tf.data (preparing does
 need TensorFlow); the data directory may be a bucket (gs://...), which TFDS
-reads through etils epath. A dataset TFDS does not register (the user's own
+reads through etils epath. A dataset already prepared in another format (TFDS's
+default, tfrecord, which has no random access) is converted once to ArrayRecord
+by TFDS's own conversion, next to its files or into a configured directory. A dataset TFDS does not register (the user's own
 builder) is opened read-only by name from the data directory it was prepared
 into. TFDS's own builders take the official files from a manual directory,
 verify their checksums and never download them; with no files and no network
@@ -42,6 +44,7 @@ from PIL import Image
 TFDS_DATASETS = ("fashion_mnist", "mnist", "cifar10")
 MANUAL_DIR_ENV = "DDPM_JAX_MANUAL_DIR"
 # torchvision ImageFolder's list: the formats PIL reads that hold photos.
+ARRAY_RECORD = "array_record"  # the TFDS file format that this module reads by random access
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _PIL_MODES = {1: "L", 3: "RGB"}
 
@@ -53,8 +56,9 @@ class MissingDataError(FileNotFoundError):
 
 
 class DatasetError(ValueError):
-    """config.data names a dataset, image feature or split that does not exist; the message
-    names the field and lists what exists."""
+    """config.data names a dataset, image feature or split that does not exist, or a dataset
+    that cannot be read as configured; the message names the field and lists what exists
+    or what to set."""
 
 
 def official_files(name: str) -> dict[str, str]:
@@ -81,35 +85,48 @@ def resolve_manual_dir(name: str, manual_dir: str | os.PathLike | None = None) -
 
 def prepare_tfds(name: str, *, data_dir: str | os.PathLike | None = None,
                  manual_dir: str | os.PathLike | None = None,
-                 allow_download: bool = True) -> tfds.core.DatasetBuilder:
+                 allow_download: bool = True,
+                 converted_data_dir: str | os.PathLike | None = None
+                 ) -> tfds.core.DatasetBuilder:
     """The builder of TFDS dataset `name`, prepared in ArrayRecord format under `data_dir`.
 
     data_dir: TFDS data directory; None means $TFDS_DATA_DIR, else ~/tensorflow_datasets.
     manual_dir: see `resolve_manual_dir`. Official files found there are used
       (checksums verified); missing ones are downloaded only if `allow_download`
       and their server answers, else `MissingDataError` says what to put where.
+    converted_data_dir: where a dataset found prepared in data_dir in another format
+      (tfrecord) is converted to ArrayRecord; None: next to its files (`_array_record_copy`).
     Preparing happens once per data directory; processes on one machine wait
     for each other through a lock file instead of preparing twice.
     """
-    # os.path.expanduser leaves a URL (gs://bucket/dir) as it is; pathlib would drop a slash.
-    data_dir = None if data_dir is None else os.path.expanduser(os.fspath(data_dir))
-    builder = _builder(name, data_dir)
+    data_dir = _expand(data_dir)
+    builder = _builder(name, data_dir, file_format=None)  # in the format it is prepared in
     if builder.is_prepared():
-        return builder
+        if _lists_array_record(builder.info):
+            return builder
+        return _array_record_copy(builder, name, data_dir, _expand(converted_data_dir))
     # The lock file is local (tempdir) whatever the data directory: processes of one machine
     # prepare once; the hosts of a pod slice must find a shared bucket already prepared.
     with _machine_lock(f"{builder.data_dir}"):
+        builder = _builder(name, data_dir)
         if not builder.is_prepared():
             _prepare(builder, name, resolve_manual_dir(builder.name, manual_dir), allow_download)
-    return _builder(name, data_dir)
+    return builder
 
 
-def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+def _expand(path: str | os.PathLike | None) -> str | None:
+    """`path` with ~ expanded; a URL (gs://bucket/dir) as it is, which pathlib would mangle."""
+    return None if path is None else os.path.expanduser(os.fspath(path))
+
+
+def _builder(name: str, data_dir: str | None, file_format: str | None = ARRAY_RECORD
+             ) -> tfds.core.DatasetBuilder:
     """TFDS's builder of `name` ('dataset[/config][:version]'), or its read-only builder if
-    `name` is not registered but prepared in data_dir; DatasetError if neither."""
+    `name` is not registered but prepared in data_dir; DatasetError if neither.
+    file_format None opens a prepared dataset in whatever format it was prepared in."""
     import tensorflow_datasets as tfds
     try:
-        return tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        return tfds.builder(name, data_dir=data_dir, file_format=file_format)
     except tfds.core.registered.DatasetNotFoundError:
         known = tfds.list_builders(with_community_datasets=False)
         close = difflib.get_close_matches(name.split("/")[0].split(":")[0], known, n=5)
@@ -167,6 +184,120 @@ def _missing_message(name: str, data_dir: str, manual_dir: Path | None, missing:
         f"environment variable {MANUAL_DIR_ENV}=DIR. They are prepared once into the TFDS data "
         f"directory (config.data.tfds_data_dir or $TFDS_DATA_DIR).")
 
+
+def _array_record_copy(source: tfds.core.DatasetBuilder, name: str, data_dir: str | None,
+                       converted_data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """The builder of an ArrayRecord copy of `source`, a dataset prepared in another format,
+    converted on first use: next to its files (TFDS then lists ArrayRecord among the
+    dataset's formats), or into converted_data_dir/<name>/<config>/<version>.
+
+    In a run of several processes, process 0 converts while the others wait at a
+    barrier, then each finds the copy (or, on a disk of its own, converts it
+    in turn). Every process reaches the barrier, since a dataset's own format
+    stays what it was after a conversion.
+    """
+    import jax
+    from etils import epath
+
+    from ddpm_jax import parallel
+    source_dir = epath.Path(source.data_dir)
+    target = (source_dir if converted_data_dir is None
+              else epath.Path(converted_data_dir) / source.info.full_name)
+    first = jax.process_index() == 0
+    if not first:
+        parallel.barrier("ddpm_jax_array_record_copy")
+    with _machine_lock(os.fspath(target)):
+        if not _holds_array_record(target):
+            _convert(source, name, source_dir, target)
+    if first:
+        parallel.barrier("ddpm_jax_array_record_copy")
+    return _builder(name, data_dir if converted_data_dir is None else converted_data_dir,
+                    file_format=None)
+
+
+def _lists_array_record(info: tfds.core.DatasetInfo) -> bool:
+    """Whether ArrayRecord is the dataset's format or one of its alternative formats."""
+    return ARRAY_RECORD in {file_format.value for file_format in info.available_file_formats()}
+
+
+def _holds_array_record(version_dir) -> bool:
+    """Whether a dataset version directory holds a complete ArrayRecord copy: its
+    dataset_info.json lists the format, and every shard of every split is there."""
+    import tensorflow_datasets as tfds
+    if not (version_dir / "dataset_info.json").exists():
+        return False
+    info = tfds.builder_from_directory(version_dir).info
+    return _lists_array_record(info) and all(
+        len(split.get_available_shards(file_format=ARRAY_RECORD)) == split.num_shards
+        for split in info.splits.values())
+
+
+def _convert(source: tfds.core.DatasetBuilder, name: str, source_dir, target) -> None:
+    why = _not_writable(target)
+    if why:
+        raise DatasetError(
+            f"config.data.dataset={name!r} is prepared in {source_dir} in the "
+            f"{source.info.file_format.value} format, which cannot be read by random access; "
+            f"it is converted once to ArrayRecord, but {target} cannot be written ({why}). "
+            f"Set config.data.converted_data_dir to a directory you can write, local or "
+            f"gs:// (e.g. --config.data.converted_data_dir=~/tensorflow_datasets_array_record), "
+            f"where it is converted on the next run. Or, with write access to {source_dir}, "
+            f"convert it there once with TFDS's command (which needs apache-beam): "
+            f"tfds convert_format --dataset_version_dir={source_dir} "
+            f"--out_file_format={ARRAY_RECORD}")
+    examples = sum(split.num_examples for split in source.info.splits.values())
+    log.info("Converting TFDS dataset %r (%d examples, %s format) once to ArrayRecord, "
+             "into %s", name, examples, source.info.file_format.value, target)
+    start = time.perf_counter()
+    # TFDS 4.9.10 counts a copy's shards in the source directory, so it finds none there and
+    # would fail: convert without its checks (a failed shard is still logged) and check the
+    # copy here. Its check's messages are dropped: they are wrong, and a copy that lacks a
+    # shard is an error below. One worker: TFDS's thread pool drops exceptions.
+    absl_logger = logging.getLogger("absl")
+    wrong = lambda record: not str(record.msg).startswith(  # noqa: E731
+        ("Amount of converted shards", "('Found "))
+    absl_logger.addFilter(wrong)
+    try:
+        _convert_format_utils().convert_dataset(
+            out_dir=None if target == source_dir else target, out_file_format=ARRAY_RECORD,
+            dataset_version_dir=[source_dir], num_workers=1, fail_on_error=False)
+    finally:
+        absl_logger.removeFilter(wrong)
+    if not _holds_array_record(target):
+        raise RuntimeError(f"Converting {source_dir} to ArrayRecord into {target} left it "
+                           f"incomplete (TFDS's errors above); run again to convert the rest")
+    log.info("Converted %r in %.0f s", name, time.perf_counter() - start)
+
+
+def _not_writable(directory) -> str | None:
+    """None if a file can be created in `directory` (made if missing), else why not. A real
+    write, not os.access: it answers for buckets too, and for root on a read-only mount."""
+    probe = directory / f".ddpm_jax_write_test_{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except Exception as e:  # OSError on local disk; tf.errors or gcsfs's errors for a bucket
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _convert_format_utils():
+    """TFDS's conversion module (`tfds convert_format`). It subclasses an Apache Beam class
+    at import, although only its Beam mode (unused here) runs Beam: without apache-beam
+    installed, an empty stand-in takes its place for that import, and only for it."""
+    import importlib.util
+    import sys
+    import types
+    stand_in = importlib.util.find_spec("apache_beam") is None
+    if stand_in:
+        sys.modules["apache_beam"] = types.SimpleNamespace(DoFn=object)
+    try:
+        from tensorflow_datasets.scripts.cli import convert_format_utils
+    finally:
+        if stand_in:
+            del sys.modules["apache_beam"]
+    return convert_format_utils
 
 def _reachable(url: str, timeout_s: float = 3.0) -> bool:
     """Whether `url`'s server accepts a connection; offline, TFDS would retry for minutes."""
@@ -326,7 +457,7 @@ def _records(dataset_dir: str, split: str, image_key: str):
     """The split's ArrayRecord data source, images left encoded; opened once per process."""
     import tensorflow_datasets as tfds
     return tfds.builder_from_directory(dataset_dir).as_data_source(
-        split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+        split=split, decoders={image_key: tfds.decode.SkipDecoding()}, file_format=ARRAY_RECORD)
 
 
 def tfds_source(builder: tfds.core.DatasetBuilder, split: str, *, image_key: str,

@@ -95,14 +95,16 @@ def open_source(dataset: str, split: str = "train", *, image_size: int, channels
                 manual_dir: str | os.PathLike | None = None,
                 folder: str | os.PathLike | None = None, allow_download: bool = True,
                 image_key: str = "image", in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES,
-                split_field: str = "split", folder_labels: bool = False) -> Source:
+                split_field: str = "split", folder_labels: bool = False,
+                converted_data_dir: str | os.PathLike | None = None) -> Source:
     """The `split` of `dataset` as a source of image_size^2 x channels images.
 
     dataset: any TFDS name ('cifar10', 'lsun/church_outdoor', 'imagenet_resized/64x64', a
       builder prepared in data_dir), or 'folder' for every image under `folder` (one
       'train' split; labels only with `folder_labels`, from the class subfolders,
       `datasets.folder_labels`). TFDS datasets are prepared on first use (see
-      `datasets.prepare_tfds` for data_dir, manual_dir and allow_download); `image_key` names
+      `datasets.prepare_tfds` for data_dir, manual_dir, allow_download and
+      converted_data_dir); `image_key` names
       their image feature, `split` is a TFDS split string ('train[:90%]'). Images of another
       size or mode are converted, resized and center-cropped like a folder's.
     A TFDS split whose decoded images take at most `in_memory_max_bytes` is decoded into
@@ -123,7 +125,8 @@ def open_source(dataset: str, split: str = "train", *, image_size: int, channels
             labels = labels[np.asarray([p not in skipped for p in paths], bool)]
         return ArraySource(images, labels)
     builder = datasets.prepare_tfds(dataset, data_dir=data_dir, manual_dir=manual_dir,
-                                    allow_download=allow_download)
+                                    allow_download=allow_download,
+                                    converted_data_dir=converted_data_dir)
     source = datasets.tfds_source(builder, split, image_key=image_key, image_size=image_size,
                                   channels=channels, split_field=split_field)
     return _decode_tfds_split(source) if source.decoded_bytes <= in_memory_max_bytes else source
@@ -132,13 +135,15 @@ def open_source(dataset: str, split: str = "train", *, image_size: int, channels
 def open_config_source(data, split: str, split_field: str, folder_labels: bool = False
                        ) -> Source:
     """`open_source` of `split` of the dataset that config.data (`data`) describes (the
-    config of a checkpoint written before image_key and in_memory_max_bytes existed too)."""
+    config of a checkpoint written before image_key, in_memory_max_bytes and
+    converted_data_dir existed too)."""
     return open_source(
         data.dataset, split, image_size=data.image_size, channels=data.channels,
         data_dir=data.tfds_data_dir or None, manual_dir=data.manual_dir or None,
         folder=data.folder or None, image_key=data.get("image_key", "image"),
         in_memory_max_bytes=data.get("in_memory_max_bytes", IN_MEMORY_MAX_BYTES),
-        split_field=split_field, folder_labels=folder_labels)
+        split_field=split_field, folder_labels=folder_labels,
+        converted_data_dir=data.get("converted_data_dir", "") or None)
 
 
 def has_labels(source: Source) -> bool:

@@ -235,7 +235,7 @@ def test_a_bucket_data_dir_reaches_tfds_unchanged(monkeypatch):
         def is_prepared(self):
             return bool(prepared)
 
-    def builder(name, data_dir):
+    def builder(name, data_dir, file_format=datasets.ARRAY_RECORD):
         seen.append(data_dir)
         return Builder()
 

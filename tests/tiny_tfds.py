@@ -2,9 +2,10 @@
 
 Each image is a smooth color gradient (so resizing has something to average)
 with a bright square whose place and color depend on the index, and mild
-noise; label = index % 10; record i of a split is image i. `prepare` writes it in ArrayRecord format into a
-data directory, from which any process opens it by name (read-only: the
-class is registered only where this module is imported).
+noise; label = index % 10; record i of a split is image i. `prepare` writes it in
+ArrayRecord format (or another: TFDS's default is tfrecord) into a data directory,
+from which any process opens it by name (read-only: the class is registered only
+where this module is imported).
 """
 import numpy as np
 import tensorflow_datasets as tfds
@@ -44,7 +45,7 @@ class DdpmTestImages(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": image(i), "label": i % 10}
 
 
-def prepare(data_dir) -> tfds.core.DatasetBuilder:
-    builder = DdpmTestImages(data_dir=str(data_dir), file_format="array_record")
+def prepare(data_dir, file_format="array_record") -> tfds.core.DatasetBuilder:
+    builder = DdpmTestImages(data_dir=str(data_dir), file_format=file_format)
     builder.download_and_prepare()
     return builder
