@@ -6,13 +6,16 @@ directory, in memory and streamed by Grain.
 """
 import contextlib
 import shutil
+import socket
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from ddpm_jax import datasets, input_pipeline as ip, streaming
 from tests import tiny_tfds
+from tests.train_helpers import subprocess_env
 
 SIZE, GB = 16, 64
 VERSION_DIR = f"{tiny_tfds.NAME}/1.0.0"
@@ -123,3 +126,40 @@ def test_a_read_only_source_names_the_field_to_set_and_the_tfds_command(tfrecord
         # What it says to set works, the source still read-only.
         source = open_split(tfrecord_dir, streamed=True, converted_data_dir=tmp_path / "c")
         assert len(source) == 2000 and source.read([0]).shape == (1, SIZE, SIZE, 3)
+
+
+# One process of a two-process run: joins it, waits argv[5] s, opens the split, prints what
+# it read.
+_PROCESS = """
+import logging, sys, time
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from ddpm_jax import input_pipeline, parallel
+parallel.maybe_initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+time.sleep(float(sys.argv[5]))
+source = input_pipeline.open_source(sys.argv[3], image_size=16, channels=3, data_dir=sys.argv[4],
+                                    in_memory_max_bytes=0)
+print("read", len(source), int(source.read([3]).sum()), flush=True)
+"""
+
+
+def test_in_a_two_process_run_process_0_converts_and_the_other_waits(tfrecord_dir):
+    """Process 0 comes 3 s late: without the barrier, process 1 would take the machine's lock
+    first and convert."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    processes = [subprocess.Popen(
+        [sys.executable, "-c", _PROCESS, address, str(i), tiny_tfds.NAME, str(tfrecord_dir),
+         "3" if i == 0 else "0"],
+        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, output in zip(processes, outputs):
+        assert p.returncode == 0, output[-3000:]
+    assert [o.count("Converting TFDS dataset") for o in outputs] == [1, 0]
+    reads = [line for o in outputs for line in o.splitlines() if line.startswith("read ")]
+    assert len(reads) == 2 and reads[0] == reads[1] and reads[0].startswith("read 2000 ")
