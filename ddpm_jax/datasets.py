@@ -5,9 +5,9 @@ that reading them later needs neither TensorFlow nor tf.data (preparing does
 need TensorFlow); the data directory may be a bucket (gs://...), which TFDS
 reads through etils epath. A dataset already prepared in another format (TFDS's
 default, tfrecord, which has no random access) is converted once to ArrayRecord
-by TFDS's own conversion, next to its files or into a configured directory. A dataset TFDS does not register (the user's own
-builder) is opened read-only by name from the data directory it was prepared
-into. TFDS's own builders take the official files from a manual directory,
+by TFDS's own conversion, next to its files or into a configured directory. A
+dataset TFDS does not register (the user's own builder) is opened read-only by
+name from the data directory it was prepared into. TFDS's own builders take the official files from a manual directory,
 verify their checksums and never download them; with no files and no network
 this module fails at once with an error naming the files, instead of TFDS
 retrying its downloads for minutes.
@@ -43,8 +43,8 @@ from PIL import Image
 # The TFDS datasets that the configs and tests use, each prepared from its official files.
 TFDS_DATASETS = ("fashion_mnist", "mnist", "cifar10")
 MANUAL_DIR_ENV = "DDPM_JAX_MANUAL_DIR"
-# torchvision ImageFolder's list: the formats PIL reads that hold photos.
 ARRAY_RECORD = "array_record"  # the TFDS file format that this module reads by random access
+# torchvision ImageFolder's list: the formats PIL reads that hold photos.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _PIL_MODES = {1: "L", 3: "RGB"}
 
@@ -220,7 +220,7 @@ def _lists_array_record(info: tfds.core.DatasetInfo) -> bool:
     return ARRAY_RECORD in {file_format.value for file_format in info.available_file_formats()}
 
 
-def _holds_array_record(version_dir) -> bool:
+def _holds_array_record(version_dir: epath.Path) -> bool:
     """Whether a dataset version directory holds a complete ArrayRecord copy: its
     dataset_info.json lists the format, and every shard of every split is there."""
     import tensorflow_datasets as tfds
@@ -232,7 +232,8 @@ def _holds_array_record(version_dir) -> bool:
         for split in info.splits.values())
 
 
-def _convert(source: tfds.core.DatasetBuilder, name: str, source_dir, target) -> None:
+def _convert(source: tfds.core.DatasetBuilder, name: str, source_dir: epath.Path,
+             target: epath.Path) -> None:
     why = _not_writable(target)
     if why:
         raise DatasetError(
@@ -269,7 +270,7 @@ def _convert(source: tfds.core.DatasetBuilder, name: str, source_dir, target) ->
     log.info("Converted %r in %.0f s", name, time.perf_counter() - start)
 
 
-def _not_writable(directory) -> str | None:
+def _not_writable(directory: epath.Path) -> str | None:
     """None if a file can be created in `directory` (made if missing), else why not. A real
     write, not os.access: it answers for buckets too, and for root on a read-only mount."""
     probe = directory / f".ddpm_jax_write_test_{os.getpid()}"
@@ -298,6 +299,7 @@ def _convert_format_utils():
         if stand_in:
             del sys.modules["apache_beam"]
     return convert_format_utils
+
 
 def _reachable(url: str, timeout_s: float = 3.0) -> bool:
     """Whether `url`'s server accepts a connection; offline, TFDS would retry for minutes."""
