@@ -1,4 +1,4 @@
-"""This project against the PyTorch design, side by side on one device (issue 7).
+"""This project against the PyTorch design, side by side on one device.
 
 One process measures, for each chosen config:
   train   images/s of the JAX train step (float32; with --steps-per-call k > 1

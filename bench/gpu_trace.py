@@ -9,9 +9,9 @@ import shutil
 import jax
 
 
-def jax_profile(run, log_dir, steps: int = 5, keep_trace: bool = False):
-    """Trace `steps` calls of `run`; their top GPU kernels (per call). With keep_trace, the
-    trace is kept as <log_dir>.trace.json.gz (for ui.perfetto.dev); the rest is deleted."""
+def jax_profile(run, log_dir, steps: int = 5):
+    """Trace `steps` calls of `run`; their top GPU kernels (per call). The trace is deleted
+    after: few files come back from a lent device machine."""
     jax.block_until_ready(run())
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         for _ in range(steps):
@@ -21,9 +21,7 @@ def jax_profile(run, log_dir, steps: int = 5, keep_trace: bool = False):
     if not paths:
         return [dict(error=f"no perfetto trace under {log_dir}")]
     kernels = gpu_kernel_totals(paths[0], steps)
-    if keep_trace:
-        shutil.copy(paths[0], log_dir + ".trace.json.gz")
-    shutil.rmtree(log_dir)  # few files come back from the device machine
+    shutil.rmtree(log_dir)
     return kernels
 
 

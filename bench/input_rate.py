@@ -1,4 +1,4 @@
-"""How fast the input pipeline delivers training batches (issues 7 and 13: input never starves the device).
+"""How fast the input pipeline delivers training batches: input must never starve the device.
 
 Streaming (default): builds a TFDS dataset of RGB PNGs at 32x32 and 64x64
 (`ddpm_bench_images/32`, `/64`, prepared once into --data-dir) and times
@@ -10,8 +10,7 @@ first batch (worker start) is left out of the rate.
 --dataset fashion_mnist|mnist|cifar10: the in-memory path instead (the split
 decoded once, `TrainIterator` gathering batches).
 
-Compare either with the training images/s of BENCHMARKS.md (one H100: 6,170
-for Fashion-MNIST, 4,443 for the CIFAR-10 config in bf16).
+Compare either with the training images/s in BENCHMARKS.md.
 
     .venv/bin/python bench/input_rate.py [--sizes 32,64] [--workers 0,1,2] [--batch 128]
     .venv/bin/python bench/input_rate.py --dataset fashion_mnist

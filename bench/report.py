@@ -2,7 +2,7 @@
 
 Every training and sampling cell shows its model-FLOPs utilisation (MFU, `bench/flops.py`)
 where the run measured it; runs are grouped by config and `--label` (e.g. an XLA_FLAGS
-variant). Results of runs before issue 15 (no label, no steps_per_call) read as label ''
+variant). Results of older runs (no label, no steps_per_call) read as label ''
 and steps_per_call 1.
 """
 import functools

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared call for a lent GPU: environment, then bench/benchmark.py, results into
-# $OUT, table last (issue 15: every target in ONE call of ~9 minutes on a cold H100).
+# $OUT, table last: every measurement in ONE call (~9 minutes on a cold H100), since a lent
+# machine's time counts from its start.
 #
 #   bash bench/run_gpu.sh                    # from the repository root; $OUT: where results go
 #   bash bench/run_gpu.sh fashion cifar10    # some of the runs below only
-#   bash bench/run_gpu.sh profile            # the conv-formulation study and kernel profiles
 #
 # Runs, in order of priority, each its own process under a time limit (s; a timeout keeps
 # the parts done, the JSON is rewritten after each part):
@@ -49,13 +49,6 @@ print("python", sys.version.split()[0], "jax", jax.__version__, "jaxlib", jaxlib
 print("jax devices:", jax.devices())'
 } 2>&1 | tee "$OUT/env.txt"
 
-# `run_gpu.sh profile`: the formulation study (bench/gpu_profile.py) instead of the benchmark.
-if [ "${1:-}" = profile ]; then
-  timeout --signal=TERM --kill-after=10 "${PROFILE_LIMIT:-330}" "$PY" bench/gpu_profile.py \
-    --out "$OUT" --deadline "${PROFILE_DEADLINE:-280}" 2>&1 | tee "$OUT/profile.log"
-  exit "${PIPESTATUS[0]}"
-fi
-
 run() {  # run <name> <time limit s> <benchmark args...>
   local name=$1 limit=$2
   shift 2
@@ -77,7 +70,7 @@ RUNS="${*:-fashion cifar10 fashion_nocb}"
       fashion_nocb) (export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer="
                  run fashion_nocb "${NOCB_LIMIT:-90}" --configs fashion --parts train \
                  --frameworks jax --steps 10 --warmup 2 --label nocb) ;;
-      *) echo "unknown run $name; valid: fashion, cifar10, fashion_nocb, profile"; exit 2 ;;
+      *) echo "unknown run $name; valid: fashion, cifar10, fashion_nocb"; exit 2 ;;
     esac
   done
   "$PY" bench/benchmark.py --report "$OUT"/*.json | tee "$OUT/table.md"

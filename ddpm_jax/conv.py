@@ -2,7 +2,7 @@
 (same products, other summation order): the UNet's depthwise 7x7 convolution
 (`lax.conv_general_dilated` with `feature_group_count=C`; also used on GPU), its
 stride-2 4x4 transposed convolution (Upsample) and the gradient of its stride-2 4x4
-convolution (Downsample). bench/NOTES_cpu.md has the measurements.
+convolution (Downsample). docs/speed.md has the measurements.
 
 XLA:CPU (jaxlib 0.10.2) runs a grouped convolution with as many groups as
 channels 20-50x slower than PyTorch, and its kernel gradient worse still.
@@ -78,7 +78,7 @@ def _kernel_grad(x, g, k):
 
 
 # The flat layout's sums cover (W + K - 1) / W times the products: 1.9x at W = 7, where
-# the sums above win; from W = 14 the flat ones are 1.3-1.9x faster (bench/NOTES_cpu.md).
+# the sums above win; from W = 14 the flat ones are 1.3-1.9x faster (docs/speed.md).
 _FLAT_MIN_WIDTH = 14
 _FLAT_CHUNK_BYTES = 64 * 1024
 
@@ -243,8 +243,8 @@ def downsample_conv(x, kernel, bias):
     """PyTorch `nn.Conv2d(C, D, 4, stride=2, padding=1)` in NHWC, with a faster input gradient.
 
     XLA:CPU computes the input gradient of a strided conv as a conv over the
-    cotangent dilated with zeros, 3-6x slower than PyTorch (107 ms of the
-    Fashion step at 28x28, the largest single op). That gradient is the
+    cotangent dilated with zeros, 3-6x slower than PyTorch (the largest
+    single op of the Fashion step). That gradient is the
     transposed conv of the cotangent, which `upsample_conv_transpose` computes
     as four 2x2 convs. Forward and kernel gradient are XLA's own.
 

@@ -1,17 +1,17 @@
 """The process settings this project runs with on CPUs, set before JAX starts.
 
 - XLA:CPU's YNNPACK fusions off. With them (the default of jaxlib 0.10 to 0.12) the UNet's
-  3x3 and 1x1 convolutions and its matmuls run 2-5x slower than PyTorch's: a
-  Fashion-MNIST training step at batch 128 took 6.5 s instead of 4.2 s on a
-  2-core CPU (bench/NOTES_cpu.md). Only XLA:CPU reads the flag; GPU and TPU
-  programs are unchanged. XLA reads XLA_FLAGS once, at its first backend.
+  3x3 and 1x1 convolutions and its matmuls run 2-5x slower than PyTorch's, and a
+  Fashion-MNIST training step 1.5x slower (docs/speed.md). Only XLA:CPU reads the
+  flag; GPU and TPU programs are unchanged. XLA reads XLA_FLAGS once, at its first
+  backend.
 - glibc's malloc backing its large blocks with transparent huge pages
   (GLIBC_TUNABLES=glibc.malloc.hugetlb=1). XLA:CPU takes a step's temporary
-  buffers (1.4 GB for that step) fresh from the kernel at every step, and
-  faulting them in 4 KiB pages cost 0.8 s of system time per step: with the
-  tunable the step takes 2.7 s instead of 3.1 s (PyTorch gains alike, 2.6-2.8
-  to 2.3 s). glibc reads it when the process starts, so a script's main
-  process restarts itself once with it (same pid, arguments and streams).
+  buffers (1.4 GB for the Fashion-MNIST step) fresh from the kernel at every
+  step, and faulting them in 4 KiB pages costs system time: with the tunable
+  that step is about 14% faster (PyTorch's alike; docs/speed.md). glibc reads
+  it when the process starts, so a script's main process restarts itself once
+  with it (same pid, arguments and streams).
 
 The entry points (train.py, sample.py, evaluate.py, train_classifier.py, the
 benchmarks) call `apply_cpu_defaults(restart=__name__ == "__main__")` first;

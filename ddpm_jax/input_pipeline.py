@@ -75,8 +75,8 @@ def _decode_tfds_split(source: datasets.TfdsSource) -> ArraySource:
     """A TFDS split's images and labels decoded into memory once per process, shared read-only.
 
     Read by random access instead, each batch would decode its PNGs one
-    record at a time in Python: 4,300 images/s on a 2-core CPU, less than one
-    H100 trains (6,200). Decoding a split once (PNG, lossless, with PIL: ~4 s
+    record at a time in Python, slower than one GPU trains (BENCHMARKS.md,
+    "Input pipeline"). Decoding a split once (PNG, lossless, with PIL: ~4 s
     for Fashion-MNIST's 60,000) makes every batch an array gather, and the
     evaluator or a second run in the same process reuses it.
     """

@@ -1,7 +1,7 @@
 """Beta schedules and the constants derived from them.
 
-The schedules follow the design document exactly (its text lost the minus
-signs; see FIELD_NOTES.md). Everything is computed in float64 with numpy on the
+The schedules follow the design document exactly (with the minus signs its
+text lost restored from the math). Everything is computed in float64 with numpy on the
 host and stored as float32, so the constants do not depend on the accelerator's
 precision or on `jax_enable_x64`.
 """

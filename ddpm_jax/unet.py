@@ -1,7 +1,7 @@
 """The design's UNet noise predictor in Flax Linen, layer for layer equal to PyTorch.
 
 Each module mirrors the PyTorch class of the same name in the design document
-("The Annotated Diffusion Model", minus signs restored as FIELD_NOTES.md says),
+("The Annotated Diffusion Model", its lost minus signs restored from the math),
 with images NHWC instead of NCHW. Input channel counts are inferred from the
 input, as usual in Flax, so a PyTorch `Block(dim, dim_out)` is `Block(dim_out)`.
 
@@ -116,8 +116,8 @@ def _downsample(x, kernel, bias):
 
 def _depthwise(x, kernel, bias):
     """`DepthwiseConv`'s grouped conv: shifted multiply-adds (`conv.depthwise_conv2d`) on CPU
-    and GPU, where XLA's grouped convolution is slow (its gradient 5x slower than the shifted
-    form's on an H100, bench/gpu_profile.py); XLA's elsewhere (TPU)."""
+    and GPU, where XLA's grouped convolution is slow (on GPU its gradient is 5x slower than the
+    shifted form's, docs/speed.md); XLA's elsewhere (TPU)."""
     backend = jax.default_backend()
     if backend in ("cpu", "gpu"):
         return conv.depthwise_conv2d(x, kernel, bias, cache_blocked_grad=backend == "cpu")

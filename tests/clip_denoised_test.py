@@ -1,4 +1,4 @@
-"""The samplers through the predicted x0 clipped to [-1, 1] (`clip_denoised`, issue 14)."""
+"""The samplers through the predicted x0 clipped to [-1, 1] (`clip_denoised`)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""Issue 13: a workdir on Cloud Storage (`gs://`), through a local GCS emulator.
+"""A workdir on Cloud Storage (`gs://`), through a local GCS emulator.
 
 gcp-storage-emulator serves the Cloud Storage JSON API on 127.0.0.1 from
 memory; epath (through fsspec/gcsfs, `EPATH_USE_TF=false`:

@@ -1,4 +1,4 @@
-"""Issue 16: class-conditional DDPM with classifier-free guidance.
+"""Class-conditional DDPM with classifier-free guidance.
 
 The unconditional network is untouched (its numbers are the PyTorch cross-check
 tests'); here: the conditional network is the design's plus a class embedding,

@@ -1,4 +1,4 @@
-"""The EMA's start and warmup (issue 14): how much of the initial parameters it still holds."""
+"""The EMA's start and warmup: how much of the initial parameters it still holds."""
 import math
 
 import jax
@@ -113,7 +113,7 @@ def test_the_ema_copies_the_weights_until_ema_start(fashion_mnist_dirs):
 
 
 def test_a_checkpoint_from_before_the_warmup_resumes_and_samples(fashion_mnist_dirs, tmp_path):
-    """Checkpoints written before issue 14 hold the same TrainState; their stored config lacks
+    """Checkpoints written before the EMA warmup hold the same TrainState; their stored config lacks
     optim.ema_warmup and sampling.clip_denoised. Training resumes from one, and sampling it
     uses the design's sampler it was written with."""
     enable_compilation_cache()

@@ -1,4 +1,4 @@
-"""Issue 8: preemption with exact resume, a torn newest checkpoint, non-finite steps."""
+"""Preemption with exact resume, a torn newest checkpoint, non-finite steps."""
 import os
 import signal
 import threading

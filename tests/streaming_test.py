@@ -1,4 +1,4 @@
-"""Issue 13: a TFDS split larger than config.data.in_memory_max_bytes, streamed by Grain.
+"""A TFDS split larger than config.data.in_memory_max_bytes, streamed by Grain.
 
 On a dataset built here (tests/tiny_tfds.py: 2,000 non-square 40x48 RGB images
 with labels), opened by name from its data directory with the threshold

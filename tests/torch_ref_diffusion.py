@@ -1,7 +1,7 @@
 """The design document's diffusion code in PyTorch, minus signs restored.
 
 A test helper: the specification that ddpm_jax is checked against. It is
-written from `shared/reference/diffusion-models-design.txt`, with two changes
+written from the design document, "The Annotated Diffusion Model", with two changes
 that keep the arithmetic identical: the constants are computed in a chosen
 dtype (float64 for the schedule checks), and the noise of `p_sample` is passed
 in so that both frameworks can use the same draws.

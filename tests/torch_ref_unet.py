@@ -1,8 +1,9 @@
 """The design document's UNet in PyTorch, minus signs restored.
 
 A test helper: the specification that `ddpm_jax.unet` is checked against,
-transcribed from `shared/reference/diffusion-models-design.txt` ("Helper
-functions" to "Overall network"). The restorations (FIELD_NOTES.md):
+transcribed from the design document, "The Annotated Diffusion Model" ("Helper
+functions" to "Overall network"), whose text lost its minus signs. The
+restorations, from the math:
 `dims[:-1]`, `dim_head**-0.5`, `half_dim - 1` and `exp(arange * -emb)`,
 Attention's max and softmax over the last axis, LinearAttention's q softmax
 over dim=-2 and k over dim=-1, `num_resolutions - 1`, and the einops arrows.
