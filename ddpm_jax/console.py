@@ -22,9 +22,16 @@ def verbose() -> bool:
 
 
 class _OwnInfoOnly(logging.Filter):
-    """Warnings and errors of everyone; INFO only of this package's loggers (`ddpm_jax.*`)."""
+    """Warnings and errors of everyone; INFO only of this package's loggers (`ddpm_jax.*`).
+
+    Orbax's ERROR records are dropped too: it logs each failure of a background save,
+    with its traceback, from every thread it passes through, and then raises it to
+    the caller, which reports it in one line (`checkpointing.SaveError`).
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "/orbax/" in record.pathname:
+            return False
         return record.levelno >= logging.WARNING or record.name.split(".")[0] == "ddpm_jax"
 
 
