@@ -12,8 +12,9 @@ Settings come from the checkpoint's `config.eval` (defaults:
 are printed, written as JSON to --output (default
 <workdir>/eval/step_<step>.json) and appended to <workdir>/eval/metrics.jsonl
 and TensorBoard (<workdir>/eval/tensorboard), apart from the training run's
-own metrics file, which a running training may still be writing. The workdir
-and --output may be local paths or gs:// URLs.
+own metrics file, which a running training may still be writing. Every path
+(flags and the checkpoint's config) may be relative, `~/...`, absolute or a
+gs:// URL; the messages show it resolved.
 
 For a class-conditional model, sample quality is measured at each
 classifier-free guidance scale of --guidance (e.g. 0,1,2,4; default
@@ -33,8 +34,8 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from etils import epath  # noqa: E402
 
-from ddpm_jax import (checkpointing, conditional_eval, console, evaluation, images,  # noqa: E402
-                      parallel, storage)
+from ddpm_jax import (checkpointing, conditional_eval, config_validation, console,  # noqa: E402
+                      evaluation, images, parallel, storage)
 from ddpm_jax.metrics_writer import MetricsWriter  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -93,6 +94,7 @@ def _eval_config(config):
         config.sampling.ddim_steps = FLAGS.ddim_steps
     if FLAGS.clip_denoised is not None:
         config.sampling.clip_denoised = FLAGS.clip_denoised
+    config_validation.resolve_paths(config)  # a stored relative path means the same here
     return config
 
 
@@ -116,6 +118,9 @@ def main(argv):
     console.quiet_libraries()
     if not FLAGS.bpd_images and not FLAGS.fid_samples:
         raise app.UsageError("nothing to evaluate: pass --bpd_images=N and/or --fid_samples=N")
+    storage.absolute_flags("workdir", "classifier_dir", "inception_weights",
+                           "fid_reference_stats", "tfds_data_dir", "manual_dir", "output",
+                           "curve")
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh()
     config, params, step = checkpointing.load_inference_params(FLAGS.workdir, FLAGS.use_ema,

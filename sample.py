@@ -6,7 +6,8 @@
     python sample.py --torch_checkpoint=model.pt --config=configs/fashion.py
     python sample.py --workdir=runs/fashion_cond --class_label=all --guidance=2
 
---workdir samples the newest readable checkpoint of a training run (its EMA
+Every path may be relative, `~/...`, absolute or gs://; the messages show it
+resolved. --workdir samples the newest readable checkpoint of a training run (its EMA
 parameters unless --use_ema=false), with the config stored in it.
 --torch_checkpoint takes a `torch.save(model.state_dict())` of the PyTorch
 design's Unet, with --config describing that network. The sampler defaults
@@ -26,14 +27,13 @@ from ddpm_jax import cpu_defaults
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
 import math  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import console  # noqa: E402
+from ddpm_jax import console, storage  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir: sample its newest "
                                "checkpoint.")
@@ -105,7 +105,8 @@ def _load_torch():
         config_validation.validate_config(config)
     except config_validation.ConfigError as e:
         _fail(f"--config: {e}")
-    if not os.path.isfile(path):
+    from etils import epath
+    if not epath.Path(path).is_file():
         _fail(f"--torch_checkpoint={path}: no such file")
     try:
         params = convert.load_torch_checkpoint(path, train_state.create_model(config))
@@ -183,15 +184,17 @@ def main(argv):
     if _WORKDIR.value is not None and _CONFIG.value is not None:
         _fail("--config goes with --torch_checkpoint only: a --workdir's checkpoints carry "
               "their own config")
+    storage.absolute_flags("workdir", "torch_checkpoint", "output", "save_npz", "gif")
     start = time.perf_counter()
     from ddpm_jax import parallel
     parallel.maybe_initialize_distributed()
     import jax
     import numpy as np
 
-    from ddpm_jax import images, sampling, schedules, storage, train_state, training
+    from ddpm_jax import config_validation, images, sampling, schedules, train_state, training
 
     config, params, source = _load_workdir() if _WORKDIR.value else _load_torch()
+    config_validation.resolve_paths(config)  # e.g. a stored '~/...' compilation cache
     _check_request(config)
     training.configure_compilation_cache(config)
     sampler, ddim_steps, ddim_eta, clip_denoised = (

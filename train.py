@@ -3,7 +3,14 @@
 Every config field can be overridden, e.g. `--config.training.batch_size=64`.
 The same command resumes from the newest checkpoint in DIR. SIGTERM or Ctrl-C
 finishes the current step, saves a checkpoint and exits (status 128 + the
-signal number); a second Ctrl-C aborts at once.
+signal number); a second Ctrl-C aborts at once. DIR, like every path in the
+config, may be relative, `~/...`, absolute or gs://; it is printed as resolved.
+
+Exit status: 0 trained to the end; 1 a bad config, missing data, unreadable
+checkpoints or a non-finite step (nan_policy='stop'), with a one-line error;
+74 (EX_IOERR) a checkpoint could not be saved: one line names the step, the
+directory and the cause (its traceback with --verbosity=1), and the earlier
+checkpoints are intact; 128 + N stopped by signal N after saving.
 
 Several processes (e.g. the hosts of a Cloud TPU pod slice) run the same
 command each; on Cloud TPU VMs, SLURM and Open MPI they find each other by
@@ -15,13 +22,17 @@ from ddpm_jax import cpu_defaults
 
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
+import os  # noqa: E402
 import sys  # noqa: E402
+import traceback  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import jax  # noqa: E402
+
 from ddpm_jax import (checkpointing, config_validation, console, parallel,  # noqa: E402
-                      preemption, training)
+                      preemption, storage, training)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -59,6 +70,12 @@ def main(argv):
     parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value)
     config = _CONFIG.value
+    storage.absolute_flags("workdir")
+    resolved = config_validation.resolve_paths(config)
+    if jax.process_index() == 0:
+        for name, path in {"workdir": _WORKDIR.value,
+                           **{f"config.{k}": v for k, v in resolved.items()}}.items():
+            print(f"{name}: {path}", flush=True)
     training.configure_compilation_cache(config)
     try:
         with preemption.stop_on_signals() as stop:
@@ -66,6 +83,11 @@ def main(argv):
                                     allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except config_validation.ConfigError as e:
         sys.exit(f"error: {e}\n(set a field with --config.<section>.<field>=VALUE)")
+    except checkpointing.SaveError as e:
+        if console.verbose():
+            traceback.print_exception(e)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(os.EX_IOERR)
     except (checkpointing.CheckpointError, training.NonFiniteError,
             FileNotFoundError) as e:  # includes datasets.MissingDataError
         sys.exit(f"error: {e}")

@@ -4,7 +4,8 @@
 
 Reads the dataset through TFDS (prepared offline from the official files, as
 training does), trains `ddpm_jax.classifier.Classifier`, prints the test
-accuracy and saves the network with Orbax. A classifier below
+accuracy and saves the network with Orbax. The paths may be relative, `~/...`,
+absolute or gs://. A classifier below
 --min_accuracy is not saved: its features would make a poor yardstick.
 """
 
@@ -17,7 +18,7 @@ import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from ddpm_jax import classifier, console, input_pipeline  # noqa: E402
+from ddpm_jax import classifier, console, input_pipeline, storage  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Where to save the classifier.", required=True)
@@ -38,6 +39,7 @@ flags.DEFINE_float("min_accuracy", 0.9, "Refuse to save a classifier below this 
 def main(argv):
     del argv
     console.quiet_libraries()
+    storage.absolute_flags("output_dir", "tfds_data_dir", "manual_dir")
     open_split = lambda split: input_pipeline.open_source(  # noqa: E731
         FLAGS.dataset, split, image_size=FLAGS.image_size, channels=FLAGS.channels,
         data_dir=FLAGS.tfds_data_dir, manual_dir=FLAGS.manual_dir)

@@ -56,8 +56,8 @@ import numpy as np  # noqa: E402
 from configs import fashion  # noqa: E402
 from flax import serialization  # noqa: E402
 
-from ddpm_jax import (convert, evaluation, fid, images, input_pipeline, parallel,  # noqa: E402
-                      sampling, train_state, training)
+from ddpm_jax import (config_validation, convert, evaluation, fid, images,  # noqa: E402
+                      input_pipeline, parallel, sampling, train_state, training)
 from ddpm_jax.schedules import make_schedule  # noqa: E402
 
 DEFAULT_VARIANTS = ("design-ddpm200-eq11", "designnet-ddpm200-eq11", "raw-ddpm200-eq11",
@@ -201,6 +201,7 @@ def run(args) -> dict:
     so a run stopped early keeps what it measured."""
     start = time.perf_counter()
     config = recipe(args)
+    config_validation.resolve_paths(config)
     variants = [parse_variant(v) for v in args.variants]
     eval_sampler = parse_variant(f"raw-{args.eval_sampler}")
     training.configure_compilation_cache(config)

@@ -53,6 +53,14 @@ class ConfigMismatchError(CheckpointError):
     """The workdir's checkpoints belong to a different model config."""
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written: Orbax's background save or its manifest failed.
+
+    The message names the step, the directory and the cause in one line (the cause's
+    traceback is the exception's `__cause__`); earlier checkpoints are left intact.
+    """
+
+
 def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
     """{'a.b': leaf} of nested dicts; lists are leaves."""
     if isinstance(tree, dict):
@@ -152,23 +160,42 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, config) -> None:
-        """Start saving `state` as checkpoint `step` (asynchronous; see `wait`)."""
+        """Start saving `state` as checkpoint `step` (asynchronous; see `wait`).
+        Raises SaveError if this or the previous save failed."""
         self.wait()
         meta = {"config": _json_ready(config), "shapes": state_shapes(state), "step": step}
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        except Exception as e:  # noqa: BLE001 -- whatever the cause, the step is not saved
+            raise self._save_error([step], e) from e
         self._unsealed.append(step)
 
     def wait(self) -> None:
-        """Block until every started save is complete on disk and has its manifest."""
-        self._manager.wait_until_finished()
-        if jax.process_index() == 0:
-            existing = set(self._manager.all_steps())
-            for step in self._unsealed:
-                if step in existing:  # not already deleted by max_to_keep
-                    write_manifest(self.directory / str(step))
-        self._unsealed = []
+        """Block until every started save is complete on disk and has its manifest.
+
+        An exception in Orbax's background save thread surfaces here, as a SaveError.
+        """
+        steps, self._unsealed = self._unsealed, []
+        try:
+            self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                existing = set(self._manager.all_steps())
+                for step in steps:
+                    if step in existing:  # not already deleted by max_to_keep
+                        write_manifest(self.directory / str(step))
+        except Exception as e:  # noqa: BLE001 -- whatever the cause, the step is not saved
+            raise self._save_error(steps, e) from e
         parallel.barrier("ddpm_jax_checkpoint_manifests")
+
+    def _save_error(self, steps: List[int], cause: BaseException) -> SaveError:
+        saved = [s for s in self._manager.all_steps() if s not in steps]
+        kept = (f"the newest complete checkpoint is step {max(saved)}" if saved
+                else "no checkpoint was completed")
+        lines = str(cause).strip().splitlines()
+        what = f"checkpoint {', '.join(map(str, steps))}" if steps else "a checkpoint"
+        return SaveError(f"saving {what} to {self.directory} failed: {type(cause).__name__}: "
+                         f"{lines[0] if lines else ''} ({kept})")
 
     def restore_latest(self, abstract_state: Callable[[Dict[str, Any]], Any], config=None, *,
                        allow_config_change: bool = False, move_unreadable: bool = False

@@ -7,10 +7,11 @@ problem found is reported at once, each naming the field as
 """
 import difflib
 import math
-import os
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-from ddpm_jax import datasets, evaluation, unet
+from etils import epath
+
+from ddpm_jax import datasets, evaluation, storage, unet
 from ddpm_jax.diffusion import LOSS_TYPES
 from ddpm_jax.sampling import SAMPLERS
 from ddpm_jax.schedules import BETA_SCHEDULES
@@ -39,6 +40,28 @@ FIELDS = {
                      "label_dropout", "steps_per_call"),
         "sampling": ("sampler", "ddim_steps", "ddim_eta", "clip_denoised", "guidance"),
 }
+
+
+# The fields that hold a path (a file or directory, local or a URL; '' = not set).
+PATH_FIELDS = ("data.folder", "data.tfds_data_dir", "data.manual_dir", "data.converted_data_dir",
+               "training.compilation_cache_dir", "eval.classifier_dir", "eval.inception_weights",
+               "eval.inception_reference_stats")
+
+
+def resolve_paths(config) -> Dict[str, str]:
+    """Make every set path field of `config` absolute (`storage.absolute`), in place; the
+    commands do this once to each config they read. {field: new value} of the fields this
+    changed (relative or `~/...` ones), for the command to print."""
+    changed = {}
+    for field in PATH_FIELDS:
+        section, name = field.split(".")
+        node = config.get(section)
+        value = None if node is None else node.get(name)
+        if isinstance(value, str) and value:
+            node[name] = str(storage.absolute(value))
+            if node[name] != value:
+                changed[field] = node[name]
+    return changed
 
 
 class ConfigError(ValueError):
@@ -164,7 +187,7 @@ def _check_data(check: _Checker) -> None:
         if not folder:
             check.error("data.folder", "must name the image folder when config.data.dataset is "
                                        "'folder'")
-        elif not os.path.isdir(os.path.expanduser(folder)):
+        elif not epath.Path(folder).is_dir():
             check.error("data.folder", "is not a directory")
 
 
@@ -222,6 +245,7 @@ def _check_model(check: _Checker) -> None:
 def _check_labels(check: _Checker) -> None:
     """A conditional model needs a dataset with exactly num_classes labels."""
     num_classes, dataset = check.get("model.num_classes"), check.get("data.dataset")
+    folder = check.get("data.folder")
     if num_classes == 0:
         return
     if dataset in TFDS_NUM_CLASSES:
@@ -229,10 +253,10 @@ def _check_labels(check: _Checker) -> None:
             check.error("model.num_classes", f"{dataset} has {TFDS_NUM_CLASSES[dataset]} "
                                              f"classes: set {TFDS_NUM_CLASSES[dataset]}, or 0 "
                                              f"for an unconditional model")
-    elif dataset == "folder" and os.path.isdir(os.path.expanduser(check.get("data.folder"))):
-        classes = datasets.folder_classes(check.get("data.folder"))
+    elif dataset == "folder" and isinstance(folder, str) and folder and epath.Path(folder).is_dir():
+        classes = datasets.folder_classes(folder)
         if not classes:
-            check.error("model.num_classes", f"the image folder {check.get('data.folder')} "
+            check.error("model.num_classes", f"the image folder {folder} "
                                              f"has no class subfolders to take labels from "
                                              f"(one subfolder per class, as torchvision's "
                                              f"ImageFolder); set 0 for an unconditional model")

@@ -22,14 +22,24 @@ def verbose() -> bool:
 
 
 class _OwnInfoOnly(logging.Filter):
-    """Warnings and errors of everyone; INFO only of this package's loggers (`ddpm_jax.*`)."""
+    """Warnings and errors of everyone; INFO only of this package's loggers (`ddpm_jax.*`).
+
+    Orbax's ERROR records are dropped too, with those of the asyncio event loops it
+    runs: it logs each failure of a background save, with its traceback, from every
+    thread and future it passes through (hundreds of lines), and then raises it to
+    the caller, which reports it in one line (`checkpointing.SaveError`).
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and (record.name == "asyncio"
+                                                or "/orbax/" in record.pathname):
+            return False
         return record.levelno >= logging.WARNING or record.name.split(".")[0] == "ddpm_jax"
 
 
 def quiet_libraries() -> None:
-    """Drop other libraries' INFO lines from the console unless --verbosity >= 1.
+    """Drop other libraries' INFO lines, and the echoes of a failed background save, from
+    the console unless --verbosity >= 1.
 
     Call at the start of a command's `main` (after absl parsed the flags).
     """
@@ -38,6 +48,17 @@ def quiet_libraries() -> None:
     handler = absl_logging.get_absl_handler()
     if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
         handler.addFilter(_OwnInfoOnly())
+    if sys.unraisablehook is sys.__unraisablehook__:
+        sys.unraisablehook = _drop_closed_loop_callbacks
+
+
+def _drop_closed_loop_callbacks(unraisable) -> None:
+    """After a background save failed, TensorStore's remaining writes complete into the
+    event loop Orbax has already closed, each printing a 'RuntimeError: Event loop is
+    closed' traceback (dozens to hundreds); the failure itself is reported as a SaveError."""
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
 
 
 def progress_printer(label: str, enabled: bool = True) -> Callable:

@@ -15,6 +15,7 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from ddpm_jax.unet import Unet
 
@@ -103,7 +104,8 @@ def load_torch_checkpoint(path: str, model: Unet) -> Dict:
     except ImportError as err:
         raise ImportError("load_torch_checkpoint needs PyTorch to read .pt files: "
                           "pip install torch") from err
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    with epath.Path(path).open("rb") as f:  # local or a URL
+        state_dict = torch.load(f, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict "
                          f"(a mapping of parameter names to tensors)")

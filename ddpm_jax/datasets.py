@@ -38,7 +38,10 @@ import urllib.parse
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 from PIL import Image
+
+from ddpm_jax import storage
 
 # The TFDS datasets that the configs and tests use, each prepared from its official files.
 TFDS_DATASETS = ("fashion_mnist", "mnist", "cifar10")
@@ -69,7 +72,7 @@ def official_files(name: str) -> dict[str, str]:
     return {info.filename: url for url, info in url_infos.items()}
 
 
-def resolve_manual_dir(name: str, manual_dir: str | os.PathLike | None = None) -> Path | None:
+def resolve_manual_dir(name: str, manual_dir: str | os.PathLike | None = None) -> epath.Path | None:
     """The directory that holds dataset `name`'s official files, or None if none is configured.
 
     `manual_dir` (else $DDPM_JAX_MANUAL_DIR) may hold the files itself or in a
@@ -79,7 +82,7 @@ def resolve_manual_dir(name: str, manual_dir: str | os.PathLike | None = None) -
     root = manual_dir if manual_dir is not None else os.environ.get(MANUAL_DIR_ENV)
     if not root:
         return None
-    root = Path(root).expanduser()
+    root = storage.absolute(root)  # the environment variable enters here
     return root / name if (root / name).is_dir() else root
 
 
@@ -99,12 +102,12 @@ def prepare_tfds(name: str, *, data_dir: str | os.PathLike | None = None,
     Preparing happens once per data directory; processes on one machine wait
     for each other through a lock file instead of preparing twice.
     """
-    data_dir = _expand(data_dir)
+    data_dir = _as_str(data_dir)
     builder = _builder(name, data_dir, file_format=None)  # in the format it is prepared in
     if builder.is_prepared():
         if _lists_array_record(builder.info):
             return builder
-        return _array_record_copy(builder, name, data_dir, _expand(converted_data_dir))
+        return _array_record_copy(builder, name, data_dir, _as_str(converted_data_dir))
     # The lock file is local (tempdir) whatever the data directory: processes of one machine
     # prepare once; the hosts of a pod slice must find a shared bucket already prepared.
     with _machine_lock(f"{builder.data_dir}"):
@@ -114,9 +117,10 @@ def prepare_tfds(name: str, *, data_dir: str | os.PathLike | None = None,
     return builder
 
 
-def _expand(path: str | os.PathLike | None) -> str | None:
-    """`path` with ~ expanded; a URL (gs://bucket/dir) as it is, which pathlib would mangle."""
-    return None if path is None else os.path.expanduser(os.fspath(path))
+def _as_str(path: str | os.PathLike | None) -> str | None:
+    """`path` as TFDS takes it (the commands resolve ~ and relative paths where they enter,
+    `storage.absolute`); a URL (gs://bucket/dir) as it is, which pathlib would mangle."""
+    return None if path is None else os.fspath(path)
 
 
 def _builder(name: str, data_dir: str | None, file_format: str | None = ARRAY_RECORD
@@ -139,7 +143,7 @@ def _builder(name: str, data_dir: str | None, file_format: str | None = ARRAY_RE
         raise DatasetError(f"config.data.dataset={name!r}: {e}") from None
 
 
-def _prepare(builder: tfds.core.DatasetBuilder, name: str, manual_dir: Path | None,
+def _prepare(builder: tfds.core.DatasetBuilder, name: str, manual_dir: epath.Path | None,
              allow_download: bool) -> None:
     import tensorflow_datasets as tfds
     files = official_files(name)
@@ -171,7 +175,8 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str, manual_dir: Path | No
                           f"(pip install tensorflow-cpu); reading it afterwards does not. ({e})") from e
 
 
-def _missing_message(name: str, data_dir: str, manual_dir: Path | None, missing: list[str]) -> str:
+def _missing_message(name: str, data_dir: str, manual_dir: epath.Path | None,
+                     missing: list[str]) -> str:
     files = official_files(name)
     where = (f"the manual directory {manual_dir} lacks them" if manual_dir is not None else
              f"no manual directory is set (config.data.manual_dir or ${MANUAL_DIR_ENV})")
@@ -344,23 +349,24 @@ def to_image_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
 
 
-def image_paths(folder: str | os.PathLike) -> list[Path]:
-    """The image files under `folder`, recursively, sorted: the order of `load_folder`."""
-    root = Path(folder).expanduser()
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def image_paths(folder: str | os.PathLike) -> list[epath.Path]:
+    """The image files under `folder` (local or a URL), recursively, sorted by their path's
+    parts (pathlib's order): the order of `load_folder`."""
+    files = storage.files_under(folder)
+    return [files[name] for name in sorted(files, key=lambda name: name.split("/"))
+            if files[name].suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def folder_classes(folder: str | os.PathLike) -> list[str]:
     """The class names of an image folder, torchvision ImageFolder's rule: its subfolders'
     names, sorted; class k is the k-th. Images directly in `folder` belong to none."""
-    root = Path(folder).expanduser()
-    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    return sorted(entry.name for entry in epath.Path(folder).iterdir() if entry.is_dir())
 
 
-def folder_labels(folder: str | os.PathLike, paths: list[Path]) -> np.ndarray:
+def folder_labels(folder: str | os.PathLike, paths: list[epath.Path]) -> np.ndarray:
     """int32 class labels of image `paths` under `folder` (see `folder_classes`); raises
     ValueError naming an image that lies in no class subfolder."""
-    root = Path(folder).expanduser()
+    root = epath.Path(folder)
     index = {name: k for k, name in enumerate(folder_classes(root))}
     labels = []
     for path in paths:
@@ -373,7 +379,7 @@ def folder_labels(folder: str | os.PathLike, paths: list[Path]) -> np.ndarray:
 
 
 def load_folder(folder: str | os.PathLike, image_size: int, channels: int
-                ) -> tuple[np.ndarray, list[Path]]:
+                ) -> tuple[np.ndarray, list[epath.Path]]:
     """All images under `folder` (recursively, sorted by path) as uint8 [N, S, S, C].
 
     Each image is converted to 'L' (channels=1) or 'RGB' (channels=3), then
@@ -386,14 +392,14 @@ def load_folder(folder: str | os.PathLike, image_size: int, channels: int
         raise ValueError(f"channels={channels} is not supported for a folder; choose 1 or 3")
     if image_size < 1:
         raise ValueError(f"image_size={image_size} must be positive")
-    root = Path(folder).expanduser()
+    root = epath.Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} (config.data.folder) is not a directory")
     paths = image_paths(root)
     images, skipped = [], []
     for path in paths:
         try:
-            with Image.open(path) as image:
+            with path.open("rb") as f, Image.open(f) as image:
                 images.append(to_image_array(image, image_size, channels))
         except Exception:  # decoders raise OSError, SyntaxError, zlib.error, ...: all mean unreadable
             skipped.append(path)

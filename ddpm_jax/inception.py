@@ -20,7 +20,6 @@ accelerator computes float32 products as the CPU reference does, not TF32/bf16.
 PyTorch is imported only to read the .pth file.
 """
 import functools
-import os
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import flax.linen as nn
@@ -28,6 +27,7 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from ddpm_jax import parallel
@@ -314,14 +314,15 @@ def missing_weights_message(path: str) -> str:
 
 def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
     """The state_dict in a .pth file as numpy arrays (reads it with PyTorch, on the CPU)."""
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():  # local or a URL
         raise FileNotFoundError(missing_weights_message(path))
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as error:
         raise ImportError(f"reading the Inception weights {path!r} (a PyTorch .pth file) "
                           f"needs PyTorch: pip install torch") from error
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    with epath.Path(path).open("rb") as f:
+        state_dict = torch.load(f, map_location="cpu", weights_only=True)
     return {key: _to_numpy(value) for key, value in state_dict.items()}
 
 

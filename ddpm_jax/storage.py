@@ -13,8 +13,10 @@ there files that grow (metrics.jsonl, TensorBoard event files) are rewritten who
 never leaves a torn file), elsewhere in one upload (which is atomic).
 """
 import io
+import os
 from typing import Callable, Dict, Union
 
+from absl import flags
 from etils import epath
 
 REMOTE_PREFIXES = ("gs://", "s3://", "az://", "hf://")  # the URL schemes epath serves
@@ -26,9 +28,26 @@ def is_local(path: PathLike) -> bool:
 
 
 def absolute(path: PathLike) -> epath.Path:
-    """`path` as an absolute epath.Path (a URL is one already), e.g. for Orbax."""
-    path = epath.Path(path)
-    return path if path.is_absolute() else path.resolve()
+    """A path as the user wrote it (relative to the working directory, `~/...`, absolute
+    or a URL) as the absolute epath.Path it means; a URL is left as it is.
+
+    Every path a command or config takes goes through here once, where it enters: Orbax's
+    background save refuses relative paths, and a `~` that no shell expanded (a quoted
+    flag, a config file) would otherwise name a directory called `~`. Symbolic links are
+    kept, so the path printed is the one the user recognises.
+    """
+    if not is_local(path):
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def absolute_flags(*names: str) -> None:
+    """Replace each named absl string flag that is set by its `absolute` form: a command's
+    path flags resolved once, right after parsing, so every later use and message agrees."""
+    for name in names:
+        flag = flags.FLAGS[name]
+        if flag.value:
+            flag.value = str(absolute(flag.value))
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:

@@ -16,7 +16,6 @@ checkpoint, so no checkpoint holds a state past a non-finite step).
 import dataclasses
 import logging
 import math
-import os
 import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -203,11 +202,12 @@ def configure_compilation_cache(config) -> None:
     """Keep compiled programs on disk, so a resumed run skips the compile (e.g. 14 s -> 1.4 s).
 
     An empty config.training.compilation_cache_dir leaves JAX's own setting
-    ($JAX_COMPILATION_CACHE_DIR) alone.
+    ($JAX_COMPILATION_CACHE_DIR) alone. The commands made the path absolute
+    (`config_validation.resolve_paths`).
     """
     directory = config.training.compilation_cache_dir
     if directory:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        jax.config.update("jax_compilation_cache_dir", directory)
 
 
 def open_train_source(config) -> input_pipeline.Source:

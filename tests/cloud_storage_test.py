@@ -178,3 +178,28 @@ def test_training_evaluation_and_sampling_in_a_gs_workdir(fashion_mnist_dirs, gc
     assert Image.open(epath.Path(out, "anim.gif").open("rb")).n_frames >= 2
     with epath.Path(out, "samples.npz").open("rb") as f, np.load(f) as npz:
         assert npz["images"].shape == (4, 28, 28, 1)
+
+
+def test_an_image_folder_in_a_bucket_reads_as_on_disk(gcs_emulator, tmp_path):
+    """config.data.folder = gs://...: the same images, order and class labels as a local copy."""
+    from ddpm_jax import datasets
+    rng = np.random.default_rng(0)
+    local, remote = tmp_path / "images", epath.Path(f"gs://{BUCKET}/images")
+    for name in ("b/2.png", "a/1.png", "a/sub/3.png", "a-z/4.png", "notes.txt"):
+        data = (rng.integers(0, 256, (30, 20, 3), dtype=np.uint8) if name.endswith(".png")
+                else None)
+        for root in (local, remote):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            if data is None:
+                (root / name).write_text("not an image")
+            else:
+                storage.write_encoded(root / name, lambda f: Image.fromarray(data).save(
+                    f, format="PNG"))
+    on_disk, _ = datasets.load_folder(local, 16, 1)
+    in_bucket, _ = datasets.load_folder(str(remote), 16, 1)
+    np.testing.assert_array_equal(in_bucket, on_disk)
+    names = [str(p.relative_to(remote)) for p in datasets.image_paths(str(remote))]
+    assert names == ["a/1.png", "a/sub/3.png", "a-z/4.png", "b/2.png"]  # pathlib's order
+    assert datasets.folder_classes(str(remote)) == ["a", "a-z", "b"]
+    paths = datasets.image_paths(str(remote))
+    assert datasets.folder_labels(str(remote), paths).tolist() == [0, 0, 1, 2]
