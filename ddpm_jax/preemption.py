@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 
 # Compiled calls dispatched and not yet computed. JAX queues every call the host dispatches,
 # and the loop reads the devices only when it logs, so without a bound the host ran up to
-# `log_every` steps ahead: a stop then waited for all of them (33 Fashion-MNIST steps, 155 s on
-# a CPU, against a preemption notice of ~30 s). Two keep a device busy (it runs one call while
+# `log_every` steps ahead (as many as the runtime queues, 33 on XLA:CPU): a stop then waited
+# for all of them (33 Fashion-MNIST steps, 155 s on a CPU, against a preemption notice of
+# ~30 s; docs/training.md). Two keep a device busy (it runs one call while
 # the next waits in its queue, so the host has a whole call's time to prepare the one after)
 # and bound the stop at two calls plus the save. A constant, not a config field: it changes no
 # number a run computes, and a deeper queue only helps a host slower than its device, which
