@@ -62,12 +62,13 @@ def main():
     before = _saved_steps(workdir)
     process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
-    on_disk = None
-    while process.poll() is None or on_disk is None:
+    on_disk = None  # (seconds after the signal, step) of the first new checkpoint
+    while True:
+        done = process.poll() is not None
         new = _saved_steps(workdir) - before
         if new and on_disk is None:
             on_disk = (time.monotonic() - signalled, max(new, key=int))
-        if process.poll() is not None and on_disk is None:
+        if done:
             break
         time.sleep(0.1)
     exited = time.monotonic() - signalled
