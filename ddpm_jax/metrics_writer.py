@@ -178,7 +178,8 @@ class ConsoleReporter:
         self._last_draw = 0.0
 
     def step(self, step: int) -> None:
-        """Advance the bar (no device sync: the step count is known on the host)."""
+        """Advance the bar to `step`, the last step known computed (not the last dispatched:
+        the loop learns it from the calls in flight, without reading the device)."""
         if self.interactive and time.monotonic() - self._last_draw > 0.2:
             self._draw(step, self._last_line)
 

@@ -5,8 +5,10 @@ over devices, the state replicated and donated. Its randomness is a function
 of (state.rng, step, example index) only, so a step computes the same numbers
 on 1 or 8 devices, in 1 or 2 processes, and after a resume.
 
-The host never waits for the devices except when it logs, checkpoints or
-samples: metrics stay on the devices as arrays until then. A non-finite loss
+The host runs at most `preemption.MAX_CALLS_IN_FLIGHT` calls ahead of the
+devices (waiting on a call's loss, which copies nothing), so that a stop request
+is honoured within about two steps; metrics stay on the devices as arrays until
+the host logs, checkpoints or samples. A non-finite loss
 or gradient is caught inside the step, which then leaves the parameters,
 EMA and optimizer state as they were and counts the step in
 `state.skipped_steps`; `config.training.nan_policy='stop'` also makes the host
@@ -27,7 +29,8 @@ import optax
 from etils import epath
 
 from ddpm_jax import (checkpointing, config_validation, datasets, diffusion, embeddings,
-                      evaluation, images, input_pipeline, parallel, sampling, streaming)
+                      evaluation, images, input_pipeline, parallel, preemption, sampling,
+                      streaming)
 from ddpm_jax.metrics_writer import SAMPLES_SUBDIR, ConsoleReporter, MetricsWriter
 from ddpm_jax.schedules import DiffusionSchedule, make_schedule
 from ddpm_jax.train_state import (TrainState, create_model, create_train_state, ema_decay_at,
@@ -265,6 +268,7 @@ class _Loop:
         self.writer = MetricsWriter(workdir, enabled=primary, resume_step=start_step)
         self.console = ConsoleReporter(total_steps, enabled=primary, stream=console_stream)
         self.pending: List[Tuple[int, Dict[str, jax.Array], int]] = []
+        self.in_flight = preemption.InFlight(start_step)
         self.last_checkpoint: Optional[int] = start_step if start_step > 0 else None
         self.interval_start, self.interval_steps = time.perf_counter(), 0
         self.input_wait_s = 0.0
@@ -277,14 +281,20 @@ class _Loop:
         self.input_wait_s += time.perf_counter() - start
         return batch
 
+    def wait_for_room(self) -> None:
+        """Before dispatching a call: wait until fewer than MAX_CALLS_IN_FLIGHT are computing,
+        so that a stop waits for at most that many; the bar shows the steps computed."""
+        self.console.step(self.in_flight.wait_for_room())
+
     def record(self, step: int, metrics: Dict[str, jax.Array], count: int = 1) -> None:
         """Metrics of the call that ended at `step`: `count` steps' values stacked if > 1."""
         self.pending.append((step, metrics, count))
+        self.in_flight.add(step, metrics["loss"])
         self.interval_steps += count
-        self.console.step(step)
 
     def flush(self) -> None:
-        """Read the pending metrics (the only device sync), check finiteness, write a row."""
+        """Read the pending metrics (the only copy from the devices), check finiteness, write
+        a row. Its images/s is of computed steps: the read waits for the last of them."""
         if not self.pending:
             return
         steps, values = [], []
@@ -390,9 +400,9 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
           console_stream=None) -> TrainResult:
     """Train `config` in `workdir`, resuming from its newest readable checkpoint.
 
-    stop_event: once set (e.g. by a SIGTERM handler), the run finishes its
-      current step, saves a checkpoint, waits until it is on disk and returns
-      with status 'preempted'.
+    stop_event: once set (e.g. by a SIGTERM handler), the run finishes the
+      steps in flight (at most MAX_CALLS_IN_FLIGHT calls), saves a checkpoint,
+      waits until it is on disk and returns with status 'preempted'.
     iterator_factory: (source, start_step) -> this process's batches; default:
       the config's input pipeline.
     Raises ConfigError, checkpointing.CheckpointError / ConfigMismatchError,
@@ -451,6 +461,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
     step, status = start_step, "completed"
     try:
         while step < total_steps:
+            loop.wait_for_room()  # first: a stop request that came meanwhile is seen at once
             if _stop_requested(stop_event, step, t.log_every):
                 status = "preempted"
                 break

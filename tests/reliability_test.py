@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, metrics_writer, parallel, training, train_state
+from ddpm_jax import checkpointing, metrics_writer, parallel, preemption, training, train_state
 from ddpm_jax.schedules import make_schedule
 from tests.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
                                  sigterm_at, subprocess_env, tiny_config, train_py)
@@ -179,3 +179,76 @@ def test_nan_batch_with_policy_stop_names_the_step_and_keeps_the_last_good_check
     state, step = restored_state(tmp_path, config)
     assert step == 4 and int(state.skipped_steps) == 0
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(state.params))
+
+
+class _FakeOutput:
+    """A call's output as `preemption.InFlight` sees it: ready once the fake device ran it."""
+
+    def __init__(self, device_log, step):
+        self.device_log, self.step, self.ready = device_log, step, False
+
+    def is_ready(self):
+        return self.ready
+
+    def block_until_ready(self):
+        self.device_log.append(self.step)
+        self.ready = True
+
+
+def test_in_flight_blocks_on_the_oldest_call_only_when_full():
+    waited = []
+    in_flight = preemption.InFlight(computed_step=8, limit=2)
+    assert in_flight.wait_for_room() == 8  # nothing in flight: no wait
+    outputs = {step: _FakeOutput(waited, step) for step in (12, 16, 20)}  # 4 steps per call
+    in_flight.add(12, outputs[12])
+    assert in_flight.wait_for_room() == 8 and waited == []  # one call in flight: room
+    in_flight.add(16, outputs[16])
+    assert in_flight.wait_for_room() == 12 and waited == [12]  # full: waits for the oldest
+    outputs[16].ready = True  # finished meanwhile: counted without blocking on it
+    in_flight.add(20, outputs[20])
+    assert in_flight.wait_for_room() == 16 and waited == [12, 16]
+    assert not outputs[20].ready
+    with pytest.raises(ValueError, match="limit must be at least 1, got 0"):
+        preemption.InFlight(0, limit=0)
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 4])
+def test_host_runs_at_most_two_calls_ahead_so_a_stop_waits_for_two(reference, tmp_path,
+                                                                    monkeypatch, steps_per_call):
+    """Whatever log_every is, when the host reads the batches of call c + 1, calls up to c - 1
+    are computed; so a stop requested then saves at the end of call c + 1, at most two calls
+    after the last one computed. The progress bar counts computed steps, not dispatched ones."""
+    config = reference[0].copy_and_resolve_references()
+    config.training.steps_per_call = steps_per_call
+    config.training.num_train_steps = 24
+    config.training.log_every = config.training.checkpoint_every = 24  # no device read before
+    dispatched = []  # one output of each call, in order
+    record = training._Loop.record
+
+    def recording(loop, step, metrics, count=1):
+        dispatched.append(metrics["loss"])
+        record(loop, step, metrics, count)
+    monkeypatch.setattr(training._Loop, "record", recording)
+    shown = []  # (the bar's step, steps computed then, steps dispatched then)
+
+    def bar(console, step):
+        computed = sum(out.is_ready() for out in dispatched) * steps_per_call
+        shown.append((step, computed, len(dispatched) * steps_per_call))
+    monkeypatch.setattr(metrics_writer.ConsoleReporter, "step", bar)
+    stop, behind = threading.Event(), []
+
+    def watch(source, start_step):
+        with training.default_iterator_factory(config)(source, start_step) as batches:
+            for read, batch in enumerate(batches):
+                if read % steps_per_call == 0:  # the first batch of the next call
+                    behind.append(sum(not out.is_ready() for out in dispatched))
+                    if len(dispatched) == 3:
+                        stop.set()
+                yield batch
+    result = training.train(config, str(tmp_path), stop_event=stop, iterator_factory=watch)
+    assert len(behind) == 4 and max(behind) <= 1, behind  # + the call being read: two
+    assert (result.status, result.step) == ("preempted", 4 * steps_per_call)
+    assert os.listdir(tmp_path / "checkpoints") == [str(4 * steps_per_call)]
+    assert len(shown) == 5
+    for step, computed, dispatched_steps in shown:
+        assert dispatched_steps - steps_per_call <= step <= computed, shown
