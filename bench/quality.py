@@ -1,41 +1,49 @@
-"""Sample quality of this project against the PyTorch design at an equal budget (issue 14).
+"""Sample quality of training recipes and samplers at an equal budget, against the design.
 
-Trains the design (the tests' reference: `tests/torch_ref_unet.py` and the loop of
-`tests/torch_ref_diffusion.py`, Adam, no EMA) and this project (`training.train_step`)
-on configs/fashion.py's recipe, from the same initial weights, on the same batches and
-with the same timesteps and noise (`training.step_draws`), for --steps steps of
---batch_size: the two runs are one run in two frameworks, and differ only by float
-rounding. Then samples --num_samples images of each variant and scores them with the
-project's classifier: the Fréchet distance of its features against the test split, the
-entropy of the predicted-class histogram, and (ours) bits/dim of --bpd_images test
-images. Variants:
+Trains one network per recipe (`quality_variants.RECIPES`: config overrides of --config,
+e.g. the terminal-SNR schedule, the v / x0 objectives, Min-SNR weighting) and, unless
+--no_torch, the design itself (the tests' reference: `tests/torch_ref_unet.py` and the loop
+of `tests/torch_ref_diffusion.py`, Adam, no EMA, on the CPU), all from the design's initial
+weights, on the same batches and with the same timesteps and noise (`training.step_draws`),
+for --steps steps of --batch_size. The design and the `design` recipe are one run in two
+frameworks, and differ only by float rounding. Then samples --num_samples images of each
+variant of each network and scores them with the project's classifier: the Fréchet
+distance of its features against the test split ("FD"), the entropy of the
+predicted-class histogram, the time per image of the sampler (`generate`'s sampling time,
+compilation excluded, / N) and, for the `design` recipe, bits/dim of --bpd_images test
+images. Variants (`quality_variants`), named `{recipe}/{params}-{sampler}-{step}`:
 
   design-ddpm200-eq11   the design's own code end to end: its network, its sampler
                         (Equation 11) in PyTorch, its own noise
   designnet-...         the design's network through this project's sampler
-  {raw,ema,emaold}-...  ours: raw parameters, the EMA (with `optim.ema_warmup`) and the
-                        EMA without warmup (the behaviour before issue 14);
-                        ddpm{T} or ddim{K}; eq11 (the design's step) or clip
-                        (through x0 clipped to [-1, 1], `sampling.clip_denoised`)
+  {raw,ema,emaold}-...  this project: raw parameters, the EMA (with `optim.ema_warmup`) and
+                        the EMA without warmup (the behaviour before issue 14)
+  ...-{ddpm200,ddim50,dpmpp2m20,...}-{eq11,clip}  the sampler and its step
 
-Every variant but `design` samples from the same noise (`sampling.generate` with one
-seed: image i starts from the same x_T), so two of them are compared image by image:
-for each pair of COMPARISONS present, the ratio of their distances with a 95 % paired
-bootstrap interval (the same resampled image indices for both), which says whether a
-difference is larger than the meter's noise at this N. `raw-ddpm{T}-eq11` is the
-design's sampler on this project's network (equal to the design's code number for
-number: tests/sampling_test.py), the fair reference for the default
-`ema-ddpm{T}-clip`: same network, same noise, only the sampling choices differ.
+--variants are sampled on the `design` recipe, --recipe_variants on every other one. Every
+variant but `design-` samples from the same noise, whatever the network (`sampling.generate`
+with one seed and one image shape: image i starts from the same x_T), so any two of them
+are compared image by image: the ratio of their distances with a 95 % paired bootstrap
+interval (the same resampled image indices for both), which says whether a difference is
+larger than the meter's noise at this N. Compared: each pair of COMPARISONS within a
+recipe; every variant against THE reference, `design/raw-ddpm{T}-eq11` (the design's
+sampler on the design's recipe, equal to the design's code number for number:
+tests/sampling_test.py); and every other sampler against DDPM with all T steps on the same
+parameters.
 
-At each of --eval_at steps, raw / EMA / EMA-without-warmup are also scored with
---eval_sampler (cheap), to see whether the EMA is worse than raw at any step count.
+At each of --eval_at steps, raw / EMA / EMA-without-warmup of the `design` recipe are also
+scored with --eval_sampler (cheap), to see whether the EMA is worse than raw at any step.
 `real-train` scores --num_samples training images: the floor of the meter at that N.
-Writes <out_dir>/quality.json, <out_dir>/grids/<variant>.png (the first 64 images),
-<out_dir>/features.npz (each variant's classifier features) and <out_dir>/params.msgpack
-(the final raw / EMA / design parameters), for re-analysis and re-sampling.
+Writes <out_dir>/quality.json (rewritten after each variant), <out_dir>/grids/
+<recipe>__<variant>.png (the first 64 images), <out_dir>/features.npz (each variant's
+classifier features) and, unless --no_params, <out_dir>/params.msgpack (the `design`
+recipe's final raw / EMA / design parameters), for re-analysis and re-sampling.
 
     nice -n 10 python bench/quality.py --classifier_dir=CLS --out_dir=OUT
     (CLS from `python train_classifier.py --output_dir=CLS`)
+
+Without TFDS (the lent GPU): --data_npz and a --classifier_dir .msgpack written by
+bench/quality_data.py; bench/run_gpu_quality.sh is the whole GPU call.
 """
 import os
 import sys
@@ -47,84 +55,30 @@ from ddpm_jax import cpu_defaults  # noqa: E402
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
 import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-from configs import fashion  # noqa: E402
 from flax import serialization  # noqa: E402
 
-from ddpm_jax import (config_validation, convert, evaluation, fid, images,  # noqa: E402
-                      input_pipeline, parallel, sampling, train_state, training)
+from ddpm_jax import (config_validation, convert, evaluation, images, input_pipeline,  # noqa: E402
+                      parallel, sampling, train_state, training)
 from ddpm_jax.schedules import make_schedule  # noqa: E402
+
+sys.path.insert(0, os.path.join(REPO, "bench"))
+import quality_data  # noqa: E402
+from quality_variants import (DESIGN_ONLY, RECIPES, REFERENCE, REFERENCE_RECIPE,  # noqa: E402
+                              PairedBootstrap, apply_overrides, compare, objective_kwargs,
+                              parse_variant, table)
 
 DEFAULT_VARIANTS = ("design-ddpm200-eq11", "designnet-ddpm200-eq11", "raw-ddpm200-eq11",
                     "ema-ddpm200-clip", "ema-ddpm200-eq11", "raw-ddpm200-clip",
                     "emaold-ddpm200-eq11", "ema-ddim50-clip", "raw-ddim50-clip")
-PARAMS = ("design", "designnet", "raw", "ema", "emaold")
-# (a, b, what the ratio FD(a) / FD(b) answers); the sampler steps are filled in per run.
-COMPARISONS = (
-    ("ema-ddpm{T}-clip", "raw-ddpm{T}-eq11", "the default against the design's sampler"),
-    ("ema-ddpm{T}-clip", "designnet-ddpm{T}-eq11",
-     "the default against the design's sampler on the design's network"),
-    ("designnet-ddpm{T}-eq11", "raw-ddpm{T}-eq11", "the port: the design's network against ours"),
-    ("ema-ddpm{T}-clip", "raw-ddpm{T}-clip", "EMA against raw"),
-    ("ema-ddpm{T}-eq11", "raw-ddpm{T}-eq11", "EMA against raw, Eq. 11"),
-    ("ema-ddpm{T}-clip", "ema-ddpm{T}-eq11", "clipped against Eq. 11"),
-    ("emaold-ddpm{T}-eq11", "ema-ddpm{T}-eq11", "EMA without warmup against with"),
-    ("ema-ddim50-clip", "ema-ddpm{T}-clip", "DDIM 50 against DDPM, clipped"),
-    ("ema-ddim50-clip", "raw-ddim50-clip", "EMA against raw, DDIM 50"),
-)
-
-
-def parse_variant(name: str):
-    """'ema-ddim50-clip' -> ('ema', 'ddim', 50, True)."""
-    params, sampler, step = name.split("-")
-    kind = sampler.rstrip("0123456789")
-    design_ok = params != "design" or (kind, step) == ("ddpm", "eq11")
-    if params not in PARAMS or kind not in sampling.SAMPLERS or \
-            step not in ("eq11", "clip") or not design_ok:
-        raise ValueError(f"bad variant {name!r}: want {{{','.join(PARAMS)}}}-"
-                         f"{{ddpm,ddim}}<steps>-{{eq11,clip}} (design: ddpm...-eq11 only)")
-    return params, kind, int(sampler[len(kind):]), step == "clip"
-
-
-def bootstrap_ratio(reference: fid.FeatureStatistics, a: np.ndarray, b: np.ndarray,
-                    num_resamples: int = 200, seed: int = 0) -> dict:
-    """FD(a) / FD(b) of two feature sets [N, D] of the same images' noise, with a 95 %
-    interval: the 2.5 and 97.5 percentiles of the ratio over resamples of the image indices
-    shared by a and b, shifted by the resamples' mean offset from the full-sample ratio
-    (a resample repeats images, which inflates both distances by their N-bias)."""
-    if a.shape != b.shape:
-        raise ValueError(f"paired feature sets differ in shape: {a.shape} vs {b.shape}")
-
-    def ratio(rows):
-        return (fid.frechet_distance(fid.feature_statistics(a[rows]), reference)
-                / fid.frechet_distance(fid.feature_statistics(b[rows]), reference))
-
-    rng = np.random.default_rng(seed)
-    draws = [ratio(rng.integers(0, len(a), len(a))) for _ in range(num_resamples)]
-    point = ratio(np.arange(len(a)))
-    low, high = np.percentile(draws, [2.5, 97.5]) - (np.mean(draws) - point)
-    return {"ratio": point, "low": float(low), "high": float(high)}
-
-
-def compare(reference, features: dict, timesteps: int, num_resamples: int,
-            latest: str) -> list:
-    """Every COMPARISONS pair whose two variants were sampled from the same noise; prints
-    those with `latest`."""
-    out = []
-    for a, b, question in COMPARISONS:
-        a, b = a.format(T=timesteps), b.format(T=timesteps)
-        if a in features and b in features:
-            out.append({"a": a, "b": b, "question": question,
-                        **bootstrap_ratio(reference, features[a], features[b], num_resamples)})
-            if latest in (a, b):
-                print(f"  {a} / {b}: {out[-1]['ratio']:.3f} [{out[-1]['low']:.3f}, "
-                      f"{out[-1]['high']:.3f}] ({question})", flush=True)
-    return out
+DEFAULT_RECIPE_VARIANTS = ("ema-ddpm200-clip", "ema-ddim50-clip")
 
 
 class Design:
@@ -178,15 +132,35 @@ class Design:
             0, 2, 3, 1)
 
 
-def recipe(args):
-    config = fashion.get_config()
-    config.unlock()
-    config.training.batch_size = args.batch_size
-    config.training.num_train_steps = args.steps
+def base_config(args):
+    """--config with the bench's budget (the config stays locked: overrides of fields it
+    lacks raise)."""
+    config = importlib.import_module(f"configs.{args.config}").get_config()
+    t = config.training
+    t.batch_size, t.num_train_steps, t.steps_per_call = args.batch_size, args.steps, \
+        args.steps_per_call
+    t.log_every = t.checkpoint_every = args.steps  # unused here; multiples of steps_per_call
+    t.sample_every = 0
     config.seed = args.seed
     if args.ema_start is not None:
         config.optim.ema_start = args.ema_start
     return config
+
+
+def recipe_configs(args) -> dict:
+    """{recipe: its validated config}; raises ValueError / ConfigError naming the field."""
+    base = base_config(args)
+    configs = {name: apply_overrides(base, name) for name in args.recipes}
+    for config in configs.values():
+        config_validation.validate_config(config, num_devices=jax.device_count())
+    return configs
+
+
+def schedule_of(config):
+    """The schedule the config's training uses (its terminal-SNR setting, where it has one)."""
+    d = config.diffusion
+    extra = {"terminal_snr": d.terminal_snr} if "terminal_snr" in d else {}
+    return make_schedule(d.beta_schedule, d.timesteps, **extra)
 
 
 def save(results: dict, out_dir: str) -> str:
@@ -196,113 +170,207 @@ def save(results: dict, out_dir: str) -> str:
     return path
 
 
+class Network:
+    """One recipe's model, schedule, training state (from `params0`) and compiled step."""
+
+    def __init__(self, name: str, config, params0, mesh):
+        self.name, self.config, self.mesh = name, config, mesh
+        self.model = train_state.create_model(config)
+        self.optimizer = train_state.make_optimizer(config)
+        self.schedule = schedule_of(config)
+        self.apply_fn = sampling.ModelApply(self.model)
+        self.objective = objective_kwargs(config)
+        copy = lambda tree: jax.tree.map(np.array, tree)  # noqa: E731  (the step donates each)
+        state = train_state.create_train_state(config, self.model, self.optimizer,
+                                               jax.random.key(config.seed))
+        self.state = jax.device_put(
+            state.replace(params=copy(params0), ema_params=copy(params0),
+                          opt_state=self.optimizer.init(params0)), parallel.replicated(mesh))
+        self.losses, self.step_fn = [], None
+
+    def compile(self) -> float:
+        """Compiles the train step ahead of time (threads compile the recipes in parallel)."""
+        begin = time.perf_counter()
+        c = self.config
+        k = c.training.steps_per_call
+        shape = (c.training.batch_size, c.data.image_size, c.data.image_size, c.data.channels)
+        sharding = (parallel.batch_sharded(self.mesh) if k == 1
+                    else parallel.stacked_batch_sharded(self.mesh))
+        batch = jax.ShapeDtypeStruct(shape if k == 1 else (k, *shape), jnp.float32,
+                                     sharding=sharding)
+        self.step_fn = training.make_train_step(c, self.model, self.schedule, self.optimizer,
+                                                self.mesh, k).lower(self.state, batch).compile()
+        return time.perf_counter() - begin
+
+    def train(self, batch) -> None:
+        self.state, metrics = self.step_fn(self.state, batch)
+        self.losses.append(metrics["loss"])
+
+    def generate(self, params, kwargs: dict, args, num_images=None) -> sampling.SampleResult:
+        image_shape = (self.config.data.image_size,) * 2 + (self.config.data.channels,)
+        return sampling.generate(self.apply_fn, params, self.schedule, image_shape,
+                                 num_images or args.num_samples, seed=args.seed,
+                                 chunk_size=args.chunk_size, mesh=self.mesh, **kwargs,
+                                 **self.objective)
+
+
+def precompile(networks: dict, sampled: dict, args) -> dict:
+    """Compiles every train step and every distinct sampling program at once, in threads
+    (XLA compiles without the GIL; each program takes ~15-60 s on a GPU host, most of a
+    short run): the sampling programs by generating one chunk of the initial network,
+    which leaves them in JAX's caches for the real calls. Returns {program: seconds}."""
+    jobs, seen = {}, set()
+    for net in networks.values():
+        jobs[f"train {net.name}"] = net.compile
+        c, devices = net.config.data, jax.device_count()
+        chunk = sampling.plan_chunks(args.num_samples, devices, args.chunk_size or sampling
+                                     .default_chunk_size((c.image_size,) * 2, devices))
+        for variant in sampled[net.name]:
+            key = json.dumps([net.objective.get("objective", "eps"), variant.sampler],
+                             sort_keys=True)
+            if variant.params != "design" and key not in seen:
+                seen.add(key)
+                jobs[f"sample {net.name} {variant.label}"] = (
+                    lambda net=net, v=variant: net.generate(net.state.params, v.sampler, args,
+                                                            chunk.chunk_size))
+    begin = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(args.compile_threads) as pool:
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+        seconds = {name: f.result() for name, f in futures.items()}
+    seconds = {k: v if isinstance(v, float) else v.compile_s for k, v in seconds.items()}
+    print(f"compiled {len(jobs)} programs in {time.perf_counter() - begin:.0f} s "
+          f"({args.compile_threads} threads)", flush=True)
+    return seconds
+
+
 def run(args) -> dict:
     """Everything the module docstring lists; quality.json is rewritten after each variant,
     so a run stopped early keeps what it measured."""
     start = time.perf_counter()
-    config = recipe(args)
-    config_validation.resolve_paths(config)
-    variants = [parse_variant(v) for v in args.variants]
-    eval_sampler = parse_variant(f"raw-{args.eval_sampler}")
-    training.configure_compilation_cache(config)
+    configs = recipe_configs(args)
+    base = configs.get(REFERENCE_RECIPE, next(iter(configs.values())))
+    sampled = {name: {v: parse_variant(v) for v in (
+        args.variants if name == REFERENCE_RECIPE else args.recipe_variants)}
+        for name in configs}
+    eval_kwargs = parse_variant(f"raw-{args.eval_sampler}").sampler
+    training.configure_compilation_cache(base)
     mesh = parallel.make_mesh()
-    replicated = parallel.replicated(mesh)
-    model, optimizer = train_state.create_model(config), train_state.make_optimizer(config)
-    schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
-    apply_fn = sampling.ModelApply(model)
-    image_shape = (config.data.image_size,) * 2 + (config.data.channels,)
+    image_shape = (base.data.image_size,) * 2 + (base.data.channels,)
+    data = (quality_data.NpzData(args.data_npz, image_shape) if args.data_npz
+            else quality_data.ConfigData(base))
 
-    test_images = evaluation.load_split_images(config, "test", None)
-    scorer = evaluation.ClassifierScorer(args.classifier_dir, test_images)
-    results = {"args": vars(args), "config": config.to_dict(), "variants": {}, "by_step": {},
-               "comparisons": {}, "seconds": {}}
-    real = evaluation.load_split_images(config, "train", args.num_samples)
+    test_images = data.images("test")
+    scorer = evaluation.ClassifierScorer(
+        quality_data.classifier_dir(args.classifier_dir, args.out_dir), test_images)
+    bootstrap = PairedBootstrap(scorer.reference, args.bootstrap)
+    results = {"args": vars(args), "reference": None, "recipes": {}, "variants": {},
+               "by_step": {}, "comparisons": [], "train": {}, "seconds": {}}
+    real = data.images("train", args.num_samples)
     results["variants"]["real-train"] = scorer(evaluation.quantize(real))
+    timesteps = {name: c.diffusion.timesteps for name, c in configs.items()}
+    if REFERENCE_RECIPE in configs:
+        results["reference"] = f"{REFERENCE_RECIPE}/{REFERENCE.format(T=timesteps['design'])}"
 
-    # Both frameworks start from the design's initialisation.
-    design = Design(config, args.seed, args.torch_threads)
-    template = convert.abstract_params(model)
-    params0 = convert.torch_to_flax(design.state_dict(), template)
-    state = train_state.create_train_state(config, model, optimizer, jax.random.key(args.seed))
-    copy = lambda tree: jax.tree.map(np.array, tree)  # noqa: E731
-    state = jax.device_put(state.replace(params=copy(params0), ema_params=copy(params0),
-                                         opt_state=optimizer.init(params0)), replicated)
-    emaold = jax.device_put(copy(params0), replicated)
-    decay = config.optim.ema_decay
+    # Every network and the PyTorch design start from the design's initialisation.
+    design = Design(base, args.seed, args.torch_threads)
+    params0 = convert.torch_to_flax(design.state_dict(),
+                                    convert.abstract_params(train_state.create_model(base)))
+    networks = {name: Network(name, c, params0, mesh) for name, c in configs.items()}
+    for name, net in networks.items():
+        results["recipes"][name] = {"overrides": RECIPES[name], "objective": net.objective,
+                                    "config": net.config.to_dict()}
+    eval_variant = [parse_variant(f"raw-{args.eval_sampler}")] if args.eval_at else []
+    results["seconds"]["compile"] = precompile(
+        networks, {name: list(v.values()) + (eval_variant if name == REFERENCE_RECIPE else [])
+                   for name, v in sampled.items()}, args)
+    ref = networks.get(REFERENCE_RECIPE)
+    emaold = jax.device_put(jax.tree.map(np.array, params0), parallel.replicated(mesh))
+    decay = base.optim.ema_decay
     ema_update = jax.jit(lambda e, p: jax.tree.map(lambda a, b: decay * a + (1 - decay) * b,
                                                    e, p))
-    step_fn = training.make_train_step(config, model, schedule, optimizer, mesh)
-    draws = jax.jit(lambda rng, step, x: training.step_draws(rng, step, x,
-                                                             schedule.num_timesteps)[1:3])
-    batches = input_pipeline.TrainIterator(
-        training.open_train_source(config), config.training.batch_size, config.seed,
-        random_flip=config.data.random_flip)
+    draws = jax.jit(lambda rng, step, x: training.step_draws(rng, step, x, ref.schedule
+                                                             .num_timesteps)[1:3])
+    batches = input_pipeline.TrainIterator(data.train_source(), args.batch_size, args.seed,
+                                           random_flip=base.data.random_flip)
 
-    def params_of(kind):
+    def params_of(net, kind):
         if kind == "designnet":
-            return jax.device_put(convert.torch_to_flax(design.state_dict(), template),
-                                  replicated)
-        return {"raw": state.params, "ema": state.ema_params, "emaold": emaold}[kind]
-
-    def ours(kind, sampler, steps, clip):
-        return sampling.generate(apply_fn, params_of(kind), schedule, image_shape,
-                                 args.num_samples, seed=args.seed, sampler=sampler,
-                                 ddim_steps=steps, clip_denoised=clip, mesh=mesh).images
+            return jax.device_put(convert.torch_to_flax(
+                design.state_dict(), convert.abstract_params(net.model)),
+                parallel.replicated(mesh))
+        return {"raw": net.state.params, "ema": net.state.ema_params, "emaold": emaold}[kind]
 
     def score(name, sample):
-        begin = time.perf_counter()
-        samples = sample()
+        """Scores of `sample()` -> (images, sampling s, compile s)."""
+        samples, sample_s, compile_s = sample()
         scores, features = scorer.scores_and_features(evaluation.quantize(samples))
-        scores["sample_s"] = time.perf_counter() - begin
+        scores.update(sample_s=sample_s, compile_s=compile_s,
+                      s_per_image=sample_s / len(samples))
         print(f"  {name}: classifier FD {scores['classifier_fd']:.1f}, class entropy "
-              f"{scores['class_entropy_bits']:.2f} bits ({scores['sample_s']:.0f} s)", flush=True)
+              f"{scores['class_entropy_bits']:.2f} bits ({1e3 * scores['s_per_image']:.2f} ms "
+              f"per image)", flush=True)
         return scores, samples, features
 
-    features = {}  # of every variant sampled from the shared noise, saved for re-analysis
-    losses = {"jax": [], "torch": []}
-    train_s = {"jax": 0.0, "torch": 0.0}
-    for step in range(1, args.steps + 1):
-        batch = next(batches)
+    def ours(net, kind, kwargs):
+        result = net.generate(params_of(net, kind), kwargs, args)
+        return result.images, result.sample_s, result.compile_s
+
+    def torch_design():
         begin = time.perf_counter()
-        t, noise = jax.device_get(draws(state.rng, state.step, batch))
-        state, metrics = step_fn(state, parallel.global_batch(batch, mesh))
-        emaold = ema_update(emaold, state.params)
-        losses["jax"].append(float(metrics["loss"]))
-        train_s["jax"] += time.perf_counter() - begin
-        begin = time.perf_counter()
-        losses["torch"].append(design.train_step(batch, t, noise))
-        train_s["torch"] += time.perf_counter() - begin
-        if step % 25 == 0:
-            print(f"step {step}: loss jax {np.mean(losses['jax'][-25:]):.4f} torch "
-                  f"{np.mean(losses['torch'][-25:]):.4f} ({time.perf_counter() - start:.0f} s)",
-                  flush=True)
+        samples = design.sample(args.num_samples, args.seed)
+        return samples, time.perf_counter() - begin, 0.0
+
+    features, step_features = {}, {}  # of every variant sampled from the shared noise
+    torch_losses, k = [], args.steps_per_call
+    begin_train = time.perf_counter()
+    for step in range(k, args.steps + 1, k):
+        parts = [next(batches) for _ in range(k)]
+        batch = (parallel.global_batch(parts[0], mesh) if k == 1
+                 else parallel.global_batches(np.stack(parts), mesh))
+        noise = ([jax.device_get(draws(ref.state.rng, ref.state.step + i, part))
+                  for i, part in enumerate(parts)] if ref and not args.no_torch else [])
+        for net in networks.values():
+            net.train(batch)
+        if ref and k == 1:
+            emaold = ema_update(emaold, ref.state.params)
+        torch_losses += [design.train_step(part, *tn) for part, tn in zip(parts, noise)]
+        if step % args.log_every < k:
+            print(f"step {step}: loss " + ", ".join(
+                f"{name} {float(np.mean(net.losses[-1])):.4f}" for name, net in networks.items())
+                + (f", torch {torch_losses[-1]:.4f}" if torch_losses else "")
+                + f" ({time.perf_counter() - start:.0f} s)", flush=True)
         if step in args.eval_at:
             print(f"step {step}: {args.eval_sampler} of raw / EMA / EMA without warmup",
                   flush=True)
-            _, sampler, steps, clip = eval_sampler
             scored = {kind: score(f"{kind}-{args.eval_sampler}",
-                                  lambda kind=kind: ours(kind, sampler, steps, clip))
+                                  lambda kind=kind: ours(ref, kind, eval_kwargs))
                       for kind in ("raw", "ema", "emaold")}
             results["by_step"][step] = {kind: s[0] for kind, s in scored.items()}
-            features.update({f"step{step}-{kind}-{args.eval_sampler}": s[2]
-                             for kind, s in scored.items()})
-            results["by_step"][step]["ema_over_raw"] = bootstrap_ratio(
-                scorer.reference, scored["ema"][2], scored["raw"][2], args.bootstrap)
+            step_features.update({f"step{step}-{kind}-{args.eval_sampler}": s[2]
+                                  for kind, s in scored.items()})
+            results["by_step"][step]["ema_over_raw"] = bootstrap.ratio(
+                scored["ema"][2], scored["raw"][2])
             print(f"  EMA / raw: {results['by_step'][step]['ema_over_raw']}", flush=True)
             save(results, args.out_dir)
     batches.close()
-    results["seconds"]["train"] = train_s
-    results["losses_last_25"] = {k: float(np.mean(v[-25:])) for k, v in losses.items()}
-    results["loss_gap"] = {"mean_abs": float(np.mean(np.abs(np.subtract(*losses.values())))),
-                           "last_25_mean_abs": float(np.mean(np.abs(np.subtract(
-                               losses["jax"][-25:], losses["torch"][-25:]))))}
-    print(f"  mean |loss jax - loss torch| per step: {results['loss_gap']}", flush=True)
-    with open(os.path.join(args.out_dir, "params.msgpack"), "wb") as f:
-        f.write(serialization.msgpack_serialize(jax.device_get(
-            {kind: params_of(kind) for kind in ("designnet", "raw", "ema", "emaold")})))
+    for net in networks.values():
+        losses = np.concatenate([np.ravel(x) for x in jax.device_get(net.losses)])
+        results["train"][net.name] = {"loss_last_25": float(np.mean(losses[-25:]))}
+        if net is ref and torch_losses:
+            gap = np.abs(losses - np.asarray(torch_losses))
+            results["train"]["torch"] = {"loss_last_25": float(np.mean(torch_losses[-25:])),
+                                         "gap_mean_abs": float(np.mean(gap)),
+                                         "gap_last_25_mean_abs": float(np.mean(gap[-25:]))}
+    results["seconds"]["train"] = time.perf_counter() - begin_train
+    print(f"trained in {results['seconds']['train']:.0f} s: {results['train']}", flush=True)
+    if ref and not args.no_params:
+        kinds = ("raw", "ema", "emaold") + (() if args.no_torch else ("designnet",))
+        with open(os.path.join(args.out_dir, "params.msgpack"), "wb") as f:
+            f.write(serialization.msgpack_serialize(jax.device_get(
+                {kind: params_of(ref, kind) for kind in kinds})))
 
-    for kind in ("raw", "ema") if args.bpd_images else ():
-        bpd = evaluation.bits_per_dim(apply_fn, params_of(kind), schedule,
+    for kind in ("raw", "ema") if ref and args.bpd_images else ():
+        bpd = evaluation.bits_per_dim(ref.apply_fn, params_of(ref, kind), ref.schedule,
                                       test_images[:args.bpd_images], mesh=mesh, seed=args.seed,
                                       batch_size=args.bpd_images)
         results[f"bpd_{kind}"] = evaluation.summarize_bpd(bpd)
@@ -310,19 +378,25 @@ def run(args) -> dict:
     grid_dir = os.path.join(args.out_dir, "grids")
     os.makedirs(grid_dir, exist_ok=True)
     print(f"step {args.steps}: the variants", flush=True)
-    for name, (kind, sampler, steps, clip) in zip(args.variants, variants):
-        if kind == "design":
-            scores, samples, _ = score(name, lambda: design.sample(args.num_samples, args.seed))
+    # Round-robin over the networks (each one's first variant, then each one's second, ...):
+    # a run cut short by a time limit keeps the first variants of every network.
+    order = [(net, *item) for i in range(max(map(len, sampled.values())))
+             for net in networks.values() for item in list(sampled[net.name].items())[i:i + 1]]
+    for net, variant_name, variant in order:
+        name = f"{net.name}/{variant_name}"
+        if variant.params == "design":
+            scores, samples, _ = score(name, torch_design)
         else:
             scores, samples, features[name] = score(
-                name, lambda: ours(kind, sampler, steps, clip))
-        results["variants"][name] = scores
-        results["comparisons"] = compare(scorer.reference, features,
-                                         config.diffusion.timesteps, args.bootstrap, name)
+                name, lambda: ours(net, variant.params, variant.sampler))
+        results["variants"][name] = {"recipe": net.name, "params": variant.params,
+                                     "sampler": variant.sampler, **scores}
+        results["comparisons"] = compare(bootstrap, features, timesteps, name)
         results["seconds"]["so_far"] = time.perf_counter() - start
         save(results, args.out_dir)
-        np.savez(os.path.join(args.out_dir, "features.npz"), **features)
-        images.save_grid(samples[:64], os.path.join(grid_dir, f"{name}.png"), nrow=8)
+        np.savez(os.path.join(args.out_dir, "features.npz"), **features, **step_features)
+        images.save_grid(samples[:64], os.path.join(grid_dir, name.replace("/", "__")
+                                                    + ".png"), nrow=8)
     results["seconds"]["total"] = time.perf_counter() - start
     return results
 
@@ -330,12 +404,24 @@ def run(args) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--classifier_dir", required=True,
-                        help="a classifier saved by train_classifier.py")
+                        help="a classifier saved by train_classifier.py, or its .msgpack "
+                             "written by bench/quality_data.py")
     parser.add_argument("--out_dir", required=True, help="where quality.json and grids/ go")
+    parser.add_argument("--config", default="fashion", help="the base config, configs/<name>.py")
+    parser.add_argument("--data_npz", default="",
+                        help="the train and test images as bench/quality_data.py writes them "
+                             "(default: the config's dataset through TFDS)")
+    parser.add_argument("--recipes", nargs="+", default=[REFERENCE_RECIPE],
+                        help=f"networks to train: {', '.join(RECIPES)}")
     parser.add_argument("--steps", type=int, default=2340,
-                        help="train steps of each framework (the design: 5 epochs at 128)")
+                        help="train steps of each network (the design: 5 epochs at 128)")
     parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--steps_per_call", type=int, default=1,
+                        help="train steps per compiled call (> 1 on a GPU; not with emaold "
+                             "variants)")
     parser.add_argument("--num_samples", type=int, default=2000, help="images per variant")
+    parser.add_argument("--chunk_size", type=int, default=None,
+                        help="images per compiled sampling call (default: generate's)")
     parser.add_argument("--bpd_images", type=int, default=16,
                         help="test images whose bits/dim to compute (0 = none)")
     parser.add_argument("--eval_at", type=int, nargs="*", default=(),
@@ -343,26 +429,50 @@ def parse_args(argv=None):
     parser.add_argument("--eval_sampler", default="ddim50-clip",
                         help="the sampler of --eval_at, e.g. ddim50-clip or ddpm200-eq11")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
-                        help="variants sampled at the end (see the module docstring)")
+                        help="variants sampled on the design recipe (module docstring)")
+    parser.add_argument("--recipe_variants", nargs="+", default=DEFAULT_RECIPE_VARIANTS,
+                        help="variants sampled on every other recipe")
     parser.add_argument("--bootstrap", type=int, default=200,
                         help="resamples behind each ratio's 95%% interval")
+    parser.add_argument("--no_torch", action="store_true",
+                        help="do not train the PyTorch design (no design-/designnet- variants)")
+    parser.add_argument("--no_params", action="store_true", help="do not write params.msgpack")
     parser.add_argument("--torch_threads", type=int, default=1,
                         help="PyTorch's CPU threads (1 on a CPU shared with other work)")
+    parser.add_argument("--compile_threads", type=int, default=8,
+                        help="programs compiled at once before training")
+    parser.add_argument("--log_every", type=int, default=100, help="print losses every N steps")
     parser.add_argument("--ema_start", type=int, default=None,
                         help="config.optim.ema_start of the EMA variants (default: the config's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name in list(args.variants) + [f"raw-{args.eval_sampler}"]:
-        try:
-            parse_variant(name)
-        except ValueError as e:
-            parser.error(str(e))
-    if not os.path.isdir(args.classifier_dir):
-        parser.error(f"--classifier_dir={args.classifier_dir} is not a directory; train one "
-                     f"with train_classifier.py --output_dir=...")
+    if args.steps % args.steps_per_call:
+        parser.error(f"--steps={args.steps} is not a multiple of --steps_per_call="
+                     f"{args.steps_per_call}")
     args.eval_at = sorted(set(args.eval_at))
-    if any(not 1 <= s <= args.steps for s in args.eval_at):
-        parser.error(f"--eval_at steps must be in [1, --steps={args.steps}]")
+    if any(not 1 <= s <= args.steps or s % args.steps_per_call for s in args.eval_at):
+        parser.error(f"--eval_at steps must be in [1, --steps={args.steps}] and multiples of "
+                     f"--steps_per_call={args.steps_per_call}")
+    try:
+        for name in list(args.variants) + list(args.recipe_variants) + [
+                f"raw-{args.eval_sampler}"]:
+            params = parse_variant(name).params
+            if params in DESIGN_ONLY and name in args.recipe_variants:
+                raise ValueError(f"--recipe_variants {name}: {params} exists on the design "
+                                 f"recipe only")
+            if params in ("design", "designnet") and args.no_torch:
+                raise ValueError(f"variant {name} needs the PyTorch design: drop --no_torch")
+            if params == "emaold" and args.steps_per_call > 1:
+                raise ValueError(f"variant {name} updates its EMA at every step: "
+                                 f"--steps_per_call=1")
+        recipe_configs(args)
+    except (ValueError, config_validation.ConfigError) as e:
+        parser.error(str(e))
+    if args.eval_at and REFERENCE_RECIPE not in args.recipes:
+        parser.error(f"--eval_at scores the {REFERENCE_RECIPE} recipe: add it to --recipes")
+    if not os.path.exists(args.classifier_dir):
+        parser.error(f"--classifier_dir={args.classifier_dir} does not exist; train one "
+                     f"with train_classifier.py --output_dir=...")
     return args
 
 
@@ -370,6 +480,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     results = run(args)
+    print(table(results))
     print(f"wrote {save(results, args.out_dir)} ({results['seconds']['total']:.0f} s)")
 
 

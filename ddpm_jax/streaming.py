@@ -16,8 +16,6 @@ import functools
 import signal
 import sys
 
-import grain
-
 from ddpm_jax import input_pipeline
 
 
@@ -52,6 +50,8 @@ class StreamIterator:
                  random_flip: bool, start_step: int = 0, process_index: int = 0,
                  process_count: int = 1, worker_count: int = 0, prefetch: int = 2,
                  with_labels: bool = False):
+        import grain  # here, not at the top: `training` imports this module, and a run on
+        # in-memory data (the GPU image, which lacks Grain) never streams
         if worker_count < 0:
             raise ValueError(f"worker_count={worker_count} must be non-negative")
         if prefetch < 1:

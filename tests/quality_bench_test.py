@@ -12,6 +12,8 @@ from tests.train_helpers import REPO, enable_compilation_cache, tiny_config
 
 sys.path.insert(0, str(REPO / "bench"))
 import quality  # noqa: E402
+import quality_data  # noqa: E402
+import quality_variants  # noqa: E402
 
 
 def test_design_and_project_train_on_the_same_draws(fashion_mnist_dirs):
@@ -49,34 +51,115 @@ def test_design_and_project_train_on_the_same_draws(fashion_mnist_dirs):
 
 def test_bootstrap_ratio_of_identical_and_of_shifted_features():
     rng = np.random.default_rng(0)
-    reference = fid.feature_statistics(rng.normal(size=(4000, 8)))
+    bootstrap = quality_variants.PairedBootstrap(
+        fid.feature_statistics(rng.normal(size=(4000, 8))), 50)
     a = rng.normal(size=(500, 8))
-    assert quality.bootstrap_ratio(reference, a, a, 50) == {"ratio": 1.0, "low": 1.0,
-                                                            "high": 1.0}
-    worse = quality.bootstrap_ratio(reference, a + 0.3, a, 50)  # FD grows by about 8 x 0.09
+    assert bootstrap.ratio(a, a) == {"ratio": 1.0, "low": 1.0, "high": 1.0}
+    worse = bootstrap.ratio(a + 0.3, a, "worse", "a")  # FD grows by about 8 x 0.09
     assert 1.0 < worse["low"] <= worse["ratio"] <= worse["high"]
+    # Each set's resampled distances are computed once and shared by every pair it is in.
+    assert bootstrap.ratio(a, a + 0.3, "a", "worse")["ratio"] == pytest.approx(
+        1 / worse["ratio"], rel=1e-12)
+    assert set(bootstrap._cache) == {"worse", "a"}
     with pytest.raises(ValueError, match="differ in shape"):
-        quality.bootstrap_ratio(reference, a, a[:100])
+        bootstrap.ratio(a, a[:100])
 
 
-def test_comparisons_need_both_variants_and_fill_in_the_timesteps():
+def test_comparisons_pair_recipes_samplers_and_the_reference():
+    """Within a recipe (T filled in), each variant against the design's sampler on the
+    design's recipe, each sampler against DDPM on the same parameters; only pairs whose both
+    variants were sampled."""
     rng = np.random.default_rng(1)
-    reference = fid.feature_statistics(rng.normal(size=(1000, 4)))
-    features = {name: rng.normal(size=(50, 4)) for name in
-                ("ema-ddpm20-clip", "raw-ddpm20-eq11", "raw-ddim50-clip")}
-    pairs = quality.compare(reference, features, 20, 10, latest="raw-ddpm20-eq11")
-    assert [(p["a"], p["b"]) for p in pairs] == [("ema-ddpm20-clip", "raw-ddpm20-eq11")]
-    want = (fid.frechet_distance(fid.feature_statistics(features["ema-ddpm20-clip"]), reference)
-            / fid.frechet_distance(fid.feature_statistics(features["raw-ddpm20-eq11"]),
-                                   reference))
-    assert pairs[0]["ratio"] == pytest.approx(want, rel=1e-12)
+    bootstrap = quality_variants.PairedBootstrap(
+        fid.feature_statistics(rng.normal(size=(1000, 4))), 10)
+    names = ("design/ema-ddpm20-clip", "design/raw-ddpm20-eq11", "scaled-v/ema-ddpm20-clip",
+             "scaled-v/ema-dpmpp2m10-clip")
+    features = {name: rng.normal(size=(50, 4)) for name in names}
+    pairs = quality_variants.compare(bootstrap, features, {"design": 20, "scaled-v": 20},
+                                     latest="design/raw-ddpm20-eq11")
+    reference = "design/raw-ddpm20-eq11"
+    assert sorted((p["a"], p["b"]) for p in pairs) == sorted([
+        ("design/ema-ddpm20-clip", reference), ("scaled-v/ema-ddpm20-clip", reference),
+        ("scaled-v/ema-dpmpp2m10-clip", reference),
+        ("scaled-v/ema-dpmpp2m10-clip", "scaled-v/ema-ddpm20-clip")])
+    first = next(p for p in pairs if p["a"] == "design/ema-ddpm20-clip")
+    assert first["question"] == "the default against the design's sampler"
+    fd = lambda name: fid.frechet_distance(  # noqa: E731
+        fid.feature_statistics(features[name]), bootstrap.reference)
+    assert first["ratio"] == pytest.approx(fd("design/ema-ddpm20-clip") / fd(reference),
+                                           rel=1e-12)
+    assert "| scaled-v/ema-dpmpp2m10-clip |" in quality_variants.table(
+        {"reference": reference, "comparisons": pairs, "variants": {
+            name: {"classifier_fd": fd(name), "s_per_image": 0.01} for name in names}})
 
 
 @pytest.mark.parametrize("name", ["design-ddim50-eq11", "design-ddpm200-clip", "best-ddpm200-clip",
-                                  "ema-ddpm200-exact"])
+                                  "ema-ddpm200-exact", "ema-dpmpp4m20-clip", "ema-ddpm200"])
 def test_bad_variants_are_refused(name):
     with pytest.raises(ValueError, match="bad variant"):
-        quality.parse_variant(name)
+        quality_variants.parse_variant(name)
+
+
+def test_solver_variants_need_a_generate_that_takes_them(monkeypatch):
+    """DPM-Solver++ variants parse into generate's arguments, and are refused, naming what
+    is missing, where `sampling.generate` lacks the sampler or its arguments."""
+    def old_generate(apply_fn, params, schedule, image_shape, num_images, *, sampler="ddpm",
+                     ddim_steps=50, clip_denoised=False):
+        raise AssertionError("not called")
+
+    def new_generate(apply_fn, params, schedule, image_shape, num_images, *, sampler="ddpm",
+                     steps=20, solver_order=2, step_spacing="logsnr", clip_denoised=False):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(quality_variants.sampling, "generate", old_generate)
+    monkeypatch.setattr(quality_variants.sampling, "SAMPLERS", ("ddpm", "ddim"))
+    with pytest.raises(ValueError, match="missing arguments: steps, solver_order, step_spacing"):
+        quality_variants.parse_variant("ema-dpmpp2m20-clip")
+    monkeypatch.setattr(quality_variants.sampling, "generate", new_generate)
+    with pytest.raises(ValueError, match="samplers: ddpm, ddim"):
+        quality_variants.parse_variant("ema-dpmpp2m20-clip")
+    monkeypatch.setattr(quality_variants.sampling, "SAMPLERS", ("ddpm", "ddim", "dpmpp"))
+    assert quality_variants.parse_variant("raw-dpmpp3m15time-eq11") == quality_variants.Variant(
+        "raw", {"sampler": "dpmpp", "steps": 15, "solver_order": 3, "step_spacing": "time",
+                "clip_denoised": False}, "dpmpp3m15time-eq11")
+
+
+def test_recipes_override_existing_fields_only(monkeypatch):
+    base = quality.base_config(quality.parse_args(["--classifier_dir", str(REPO),
+                                                   "--out_dir", "unused"]))
+    l2 = quality_variants.apply_overrides(base, "design-l2")
+    assert (l2.diffusion.loss_type, base.diffusion.loss_type) == ("l2", "huber")
+    assert l2.training.batch_size == 128 and l2.diffusion.timesteps == 200
+    monkeypatch.setitem(quality_variants.RECIPES, "typo", {"diffusion.objectiv": "v"})
+    with pytest.raises(ValueError, match="config field diffusion.objectiv does not exist.*"
+                                         "loss_type"):
+        quality_variants.apply_overrides(base, "typo")
+    with pytest.raises(ValueError, match="unknown recipe 'best'"):
+        quality_variants.apply_overrides(base, "best")
+
+
+def test_npz_data_and_msgpack_classifier(tmp_path):
+    """The carried forms of the data and the classifier read back as the originals."""
+    from ddpm_jax import classifier
+    rng = np.random.default_rng(0)
+    arrays = {f"{split}_images": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+              for split, n in (("train", 40), ("test", 10))}
+    np.savez_compressed(tmp_path / "d.npz", **arrays)
+    data = quality_data.NpzData(str(tmp_path / "d.npz"), (28, 28, 1))
+    assert np.array_equal(data.train_source().read([3, 1]), arrays["train_images"][[3, 1]])
+    assert np.array_equal(data.images("test", 4), input_pipeline.to_float(
+        arrays["test_images"][:4]))
+    with pytest.raises(ValueError, match="the config wants uint8 \\[N, 32, 32, 3\\]"):
+        quality_data.NpzData(str(tmp_path / "d.npz"), (32, 32, 3))
+
+    model = classifier.Classifier(num_classes=10, features=(4,), hidden=8)
+    params = model.init(jax.random.key(0), data.images("test", 1))["params"]
+    classifier.save_classifier(str(tmp_path / "orbax"), model, params, {"test_accuracy": 0.5})
+    quality_data.export_classifier(str(tmp_path / "orbax"), str(tmp_path / "c.msgpack"))
+    directory = quality_data.classifier_dir(str(tmp_path / "c.msgpack"), str(tmp_path / "new"))
+    loaded, loaded_params, metadata = classifier.load_classifier(directory)
+    assert (loaded, metadata) == (model, {"test_accuracy": 0.5})
+    jax.tree.map(np.testing.assert_array_equal, loaded_params, params)
 
 
 def test_scores_and_features_match_the_plain_scores(fashion_mnist_dirs, tmp_path):
