@@ -153,6 +153,8 @@ def recipe_configs(args) -> dict:
     configs = {name: apply_overrides(base, name) for name in args.recipes}
     for config in configs.values():
         config_validation.validate_config(config, num_devices=jax.device_count())
+        schedule_of(config)  # what a recipe needs of this checkout fails here, not on a GPU
+        objective_kwargs(config)
     return configs
 
 
@@ -334,11 +336,15 @@ def run(args) -> dict:
         if ref and k == 1:
             emaold = ema_update(emaold, ref.state.params)
         torch_losses += [design.train_step(part, *tn) for part, tn in zip(parts, noise)]
-        if step % args.log_every < k:
+        if step % args.log_every < k:  # reading the losses waits for the steps
             print(f"step {step}: loss " + ", ".join(
                 f"{name} {float(np.mean(net.losses[-1])):.4f}" for name, net in networks.items())
                 + (f", torch {torch_losses[-1]:.4f}" if torch_losses else "")
                 + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+            if args.max_train_s and time.perf_counter() - begin_train > args.max_train_s:
+                print(f"step {step}: --max_train_s={args.max_train_s} reached; every network "
+                      f"stops here", flush=True)
+                break
         if step in args.eval_at:
             print(f"step {step}: {args.eval_sampler} of raw / EMA / EMA without warmup",
                   flush=True)
@@ -353,6 +359,7 @@ def run(args) -> dict:
             print(f"  EMA / raw: {results['by_step'][step]['ema_over_raw']}", flush=True)
             save(results, args.out_dir)
     batches.close()
+    results["train"]["steps"] = step
     for net in networks.values():
         losses = np.concatenate([np.ravel(x) for x in jax.device_get(net.losses)])
         results["train"][net.name] = {"loss_last_25": float(np.mean(losses[-25:]))}
@@ -377,7 +384,7 @@ def run(args) -> dict:
         print(f"  bits/dim {kind}: {results[f'bpd_{kind}']['bpd']:.3f}", flush=True)
     grid_dir = os.path.join(args.out_dir, "grids")
     os.makedirs(grid_dir, exist_ok=True)
-    print(f"step {args.steps}: the variants", flush=True)
+    print(f"step {step}: the variants", flush=True)
     # Round-robin over the networks (each one's first variant, then each one's second, ...):
     # a run cut short by a time limit keeps the first variants of every network.
     order = [(net, *item) for i in range(max(map(len, sampled.values())))
@@ -442,6 +449,12 @@ def parse_args(argv=None):
     parser.add_argument("--compile_threads", type=int, default=8,
                         help="programs compiled at once before training")
     parser.add_argument("--log_every", type=int, default=100, help="print losses every N steps")
+    parser.add_argument("--max_train_s", type=float, default=0,
+                        help="stop training every network at the first --log_every step past "
+                             "this many seconds (0 = train --steps): equal budgets in a time limit")
+    parser.add_argument("--check_only", action="store_true",
+                        help="check the arguments, recipes and samplers against this checkout "
+                             "and exit")
     parser.add_argument("--ema_start", type=int, default=None,
                         help="config.optim.ema_start of the EMA variants (default: the config's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -478,6 +491,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.check_only:
+        print(f"recipes {args.recipes} and their variants work with this checkout")
+        return
     os.makedirs(args.out_dir, exist_ok=True)
     results = run(args)
     print(table(results))

@@ -13,8 +13,9 @@
 # The budget is in environment variables (defaults: each recipe 1,200 steps at batch 64,
 # 1,000 samples per variant; about 7 minutes estimated on an H200, most of it compiling and
 # training): RECIPES, T, SOLVER (the DPM-Solver++ variants), STEPS, BATCH, STEPS_PER_CALL, SAMPLES, CHUNK, DESIGN_VARIANTS,
-# RECIPE_VARIANTS, LIMIT (s, quality.py's time limit; the results so far are kept),
-# QUALITY_ARGS (appended). SKIP_WHEELS=1 skips the wheel install (a machine that has
+# RECIPE_VARIANTS, MAX_TRAIN_S (every network stops training at the first 200-step mark past
+# it), LIMIT (s, quality.py's time limit; the results so far are kept), QUALITY_ARGS
+# (appended; QUALITY_ARGS=--check_only SKIP_WHEELS=1 checks the arguments on any machine). SKIP_WHEELS=1 skips the wheel install (a machine that has
 # ml-collections). Files back in $OUT: env.txt, run.log, quality.json, table.md and
 # results.tar.gz (grids/, features.npz) in parts of at most 15 MiB.
 set -u -o pipefail
@@ -41,7 +42,7 @@ print("jax devices:", jax.devices())'
 
 T="${T:-200}"  # the config's timesteps, in the variant names
 RECIPES="${RECIPES:-design scaled scaled-v scaled-v-minsnr zero-v-minsnr scaled-x0-minsnr scaled-eps-minsnr}"
-SOLVER="${SOLVER:-ema-dpmpp2m20-clip ema-dpmpp2m10-clip ema-dpmpp2m15-clip ema-dpmpp2m20time-clip}"
+SOLVER="${SOLVER-ema-dpmpp2m20-clip ema-dpmpp2m10-clip ema-dpmpp2m15-clip ema-dpmpp2m20time-clip}"
 RECIPE_VARIANTS="${RECIPE_VARIANTS:-ema-ddpm$T-clip $SOLVER ema-ddim50-clip}"
 DESIGN_VARIANTS="${DESIGN_VARIANTS:-raw-ddpm$T-eq11 ema-ddpm$T-clip $SOLVER ema-ddim50-clip raw-ddpm$T-clip}"
 # shellcheck disable=SC2086  # the lists split into arguments
@@ -51,7 +52,8 @@ timeout --signal=TERM --kill-after=15 "${LIMIT:-470}" "$PY" bench/quality.py \
   --recipe_variants $RECIPE_VARIANTS --steps "${STEPS:-1200}" --batch_size "${BATCH:-64}" \
   --steps_per_call "${STEPS_PER_CALL:-1}" --num_samples "${SAMPLES:-1000}" \
   --chunk_size "${CHUNK:-1000}" --bpd_images 0 --no_torch --no_params \
-  --compile_threads 12 --log_every 200 ${QUALITY_ARGS:-} 2>&1 | tee "$OUT/run.log"
+  --compile_threads 12 --log_every 200 --max_train_s "${MAX_TRAIN_S:-230}" \
+  ${QUALITY_ARGS:-} 2>&1 | tee "$OUT/run.log"
 echo "quality.py exit ${PIPESTATUS[0]}" | tee -a "$OUT/run.log"
 
 if [ -f "$WORK/quality.json" ]; then
