@@ -287,6 +287,8 @@ def run(args) -> dict:
                    for name, v in sampled.items()}, args)
     ref = networks.get(REFERENCE_RECIPE)
     emaold = jax.device_put(jax.tree.map(np.array, params0), parallel.replicated(mesh))
+    keep_emaold = ref is not None and args.steps_per_call == 1 and (bool(args.eval_at) or any(
+        v.params == "emaold" for v in sampled[REFERENCE_RECIPE].values()))
     decay = base.optim.ema_decay
     ema_update = jax.jit(lambda e, p: jax.tree.map(lambda a, b: decay * a + (1 - decay) * b,
                                                    e, p))
@@ -333,7 +335,7 @@ def run(args) -> dict:
                   for i, part in enumerate(parts)] if ref and not args.no_torch else [])
         for net in networks.values():
             net.train(batch)
-        if ref and k == 1:
+        if keep_emaold:
             emaold = ema_update(emaold, ref.state.params)
         torch_losses += [design.train_step(part, *tn) for part, tn in zip(parts, noise)]
         if step % args.log_every < k:  # reading the losses waits for the steps
@@ -350,7 +352,7 @@ def run(args) -> dict:
                   flush=True)
             scored = {kind: score(f"{kind}-{args.eval_sampler}",
                                   lambda kind=kind: ours(ref, kind, eval_kwargs))
-                      for kind in ("raw", "ema", "emaold")}
+                      for kind in ("raw", "ema") + ("emaold",) * keep_emaold}
             results["by_step"][step] = {kind: s[0] for kind, s in scored.items()}
             step_features.update({f"step{step}-{kind}-{args.eval_sampler}": s[2]
                                   for kind, s in scored.items()})
@@ -371,7 +373,7 @@ def run(args) -> dict:
     results["seconds"]["train"] = time.perf_counter() - begin_train
     print(f"trained in {results['seconds']['train']:.0f} s: {results['train']}", flush=True)
     if ref and not args.no_params:
-        kinds = ("raw", "ema", "emaold") + (() if args.no_torch else ("designnet",))
+        kinds = ("raw", "ema") + ("emaold",) * keep_emaold + ("designnet",) * (not args.no_torch)
         with open(os.path.join(args.out_dir, "params.msgpack"), "wb") as f:
             f.write(serialization.msgpack_serialize(jax.device_get(
                 {kind: params_of(ref, kind) for kind in kinds})))
