@@ -152,6 +152,7 @@ def recipe_configs(args) -> dict:
     base = base_config(args)
     configs = {name: apply_overrides(base, name) for name in args.recipes}
     for config in configs.values():
+        config_validation.resolve_paths(config)
         config_validation.validate_config(config, num_devices=jax.device_count())
         schedule_of(config)  # what a recipe needs of this checkout fails here, not on a GPU
         objective_kwargs(config)
