@@ -85,7 +85,10 @@ def step(x, x0s: Sequence[jnp.ndarray], lambdas: Sequence[jnp.ndarray], alpha_t,
     x0s: the data predictions (x0_s0, x0_s1, x0_s2) at the current and two previous grid
     points, newest first; lambdas: (lambda_t, lambda_s0, lambda_s1, lambda_s2); `order`
     (1, 2 or 3, may be traced) says how many of them are used: the others may hold anything.
-    The second order is the paper's 2M (diffusers' "midpoint"); the third its 3M.
+    The second order is the paper's 2M (diffusers' "midpoint"). The third is the Taylor
+    expansion of x0 to its second derivative: the official code's and diffusers' 3M weigh
+    that term by half (their D2 is h^2 x0''/2 where the integral needs h^2 x0''), which
+    leaves them second order; here d2 has the factor 2 of the official singlestep code.
     """
     lam_t, lam_s0, lam_s1, lam_s2 = lambdas
     m0, m1, m2 = x0s
@@ -98,8 +101,8 @@ def step(x, x0s: Sequence[jnp.ndarray], lambdas: Sequence[jnp.ndarray], alpha_t,
     second = first - 0.5 * alpha_t * phi1 * d1_0
     r1 = (lam_s1 - lam_s2) / h
     d1_1 = (m1 - m2) / r1
-    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)  # h x0'(lambda_s0) + O(h^3)
+    d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1)  # h^2 x0''(lambda_s0) + O(h^3)
     third = (first + alpha_t * (phi1 / h + 1.0) * d1
              - alpha_t * ((phi1 + h) / h ** 2 - 0.5) * d2)
     return jnp.where(order == 1, first, jnp.where(order == 2, second, third))
