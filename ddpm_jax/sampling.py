@@ -22,7 +22,7 @@ minutes) to save less than one image per device per chunk.
 import dataclasses
 import math
 import time
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -96,6 +96,20 @@ def clip_denoised_setting(sampling_config) -> bool:
     """`config.sampling.clip_denoised`; False (the design's sampler, which they used) for
     configs stored in checkpoints written before the field existed."""
     return bool(sampling_config.get("clip_denoised", False))
+
+
+def settings(sampling_config) -> Dict[str, Any]:
+    """`generate`'s sampler arguments from a config's `sampling` section."""
+    c = sampling_config
+    return dict(sampler=c.sampler, steps=c.steps, ddim_eta=c.ddim_eta,
+                clip_denoised=clip_denoised_setting(c), solver_order=c.solver_order,
+                step_spacing=c.step_spacing, dynamic_threshold=c.dynamic_threshold)
+
+
+def check_settings(num_timesteps: int, sampler_settings: Dict[str, Any]) -> None:
+    """`check_sampler` of `settings`' arguments."""
+    check_sampler(num_timesteps, **{k: v for k, v in sampler_settings.items()
+                                    if k != "clip_denoised"})
 
 
 def sampler_timesteps(schedule: DiffusionSchedule, sampler: str, steps: int,

@@ -136,7 +136,6 @@ def test_first_order_is_ddim_eta_0_on_the_same_grid(clip_denoised, spacing):
     ddim, _ = sampling.sample_batch(schedule, denoise, keys, SHAPE, "ddim", 12,
                                     clip_denoised=clip_denoised, timesteps=grid)
     np.testing.assert_allclose(dpm, ddim, rtol=2e-6, atol=2e-6)
-    assert np.max(np.abs(dpm)) > 1.5 or clip_denoised  # the toy's x0 leaves [-1, 1]
 
 
 def _solve_to_lambda0(order, num_steps, x_T, lam_T=-5.0, lam_0=5.0):
