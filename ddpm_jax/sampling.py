@@ -6,9 +6,10 @@ image i: its x_T and the noise of each step do not depend on how many images
 are requested, on the chunk size, on padding or on the device count. Image i
 is what the foundation's `p_sample_loop` (or `ddim_sample_loop`) returns for
 shape (1, H, W, C) and that key; the per-step updates are the foundation's
-`p_sample` and `ddim_step` (DPM-Solver++'s: `dpm_solver.step`), vmapped over the images. Results are bit for bit
-equal whenever each device computes the same number of images per call; with
-another per-device batch, XLA's kernels may round differently (about 1e-6).
+`p_sample` and `ddim_step` (and `dpm_solver.step`), vmapped over the images.
+Results are bit for bit equal whenever each device computes the same number of
+images per call; with another per-device batch, XLA's kernels may round
+differently (about 1e-6).
 
 A request is split into chunks of equal size (one compilation serves every
 chunk); each chunk's batch is split over a 1-D device mesh with axis 'data'
