@@ -35,7 +35,7 @@ from absl import app, flags  # noqa: E402
 from etils import epath  # noqa: E402
 
 from ddpm_jax import (checkpointing, conditional_eval, config_validation, console,  # noqa: E402
-                      evaluation, images, parallel, storage)
+                      evaluation, images, parallel, sampling, storage)
 from ddpm_jax.metrics_writer import MetricsWriter  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -55,8 +55,14 @@ flags.DEFINE_integer("fid_reference_images", None,
 flags.DEFINE_string("split", None, "Held-out split (default: config.eval.split, 'test').")
 flags.DEFINE_integer("seed", None, "Seed of the bound's noise and of the samples.")
 flags.DEFINE_integer("bpd_batch_size", None, "Images per compiled bits/dim call.")
-flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Sampler (default: config.sampling's).")
-flags.DEFINE_integer("ddim_steps", None, "DDIM steps (default: config.sampling's).")
+flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpmpp"],
+                  "Sampler (default: config.sampling's).")
+flags.DEFINE_integer("steps", None, "Network calls of ddim and dpmpp (default: "
+                     "config.sampling's).")
+flags.DEFINE_integer("ddim_steps", None, "The older name of --steps.")
+flags.DEFINE_integer("solver_order", None, "dpmpp: 1, 2 or 3 (default: config.sampling's).")
+flags.DEFINE_enum("step_spacing", None, ["time", "logsnr"], "dpmpp: steps uniform in time or "
+                  "in log-SNR (default: config.sampling's).")
 flags.DEFINE_bool("clip_denoised", None, "Step through the predicted x0 clipped to [-1, 1] "
                   "(default: config.sampling's).")
 flags.DEFINE_boolean("use_ema", True, "Evaluate the EMA parameters (else the raw ones).")
@@ -88,13 +94,18 @@ def _eval_config(config):
     for field, value in (("tfds_data_dir", FLAGS.tfds_data_dir), ("manual_dir", FLAGS.manual_dir)):
         if value is not None:
             config.data[field] = value
-    if FLAGS.sampler is not None:
-        config.sampling.sampler = FLAGS.sampler
+    if FLAGS.ddim_steps is not None and FLAGS.steps not in (None, FLAGS.ddim_steps):
+        raise app.UsageError("--steps and its older name --ddim_steps disagree; give --steps")
+    for field in ("sampler", "steps", "solver_order", "step_spacing", "clip_denoised"):
+        if FLAGS[field].value is not None:
+            config.sampling[field] = FLAGS[field].value
     if FLAGS.ddim_steps is not None:
-        config.sampling.ddim_steps = FLAGS.ddim_steps
-    if FLAGS.clip_denoised is not None:
-        config.sampling.clip_denoised = FLAGS.clip_denoised
+        config.sampling.steps = FLAGS.ddim_steps
     config_validation.resolve_paths(config)  # a stored relative path means the same here
+    try:
+        sampling.check_settings(config.diffusion.timesteps, sampling.settings(config.sampling))
+    except ValueError as e:
+        raise app.UsageError(f"--{e}") from None
     return config
 
 

@@ -1,8 +1,9 @@
 """Generate images from a trained model: `python sample.py --workdir=DIR`.
 
     python sample.py --workdir=runs/fashion --num_images=64 --output=samples.png
-    python sample.py --workdir=runs/fashion --sampler=ddim --ddim_steps=50 \\
+    python sample.py --workdir=runs/fashion --sampler=ddim --steps=50 \\
         --gif=denoising.gif --gif_images=16 --save_npz=samples.npz
+    python sample.py --workdir=runs/fashion --sampler=dpmpp --steps=20
     python sample.py --torch_checkpoint=model.pt --config=configs/fashion.py
     python sample.py --workdir=runs/fashion_cond --class_label=all --guidance=2
 
@@ -43,9 +44,19 @@ _TORCH_CHECKPOINT = flags.DEFINE_string(
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "With --torch_checkpoint: the config (configs/*.py) of its network.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 64, "How many images to generate.")
-_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"],
-                             "ddpm (ancestral, all T steps) or ddim; default: config.sampling.")
-_DDIM_STEPS = flags.DEFINE_integer("ddim_steps", None, "DDIM steps; default: config.sampling.")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpmpp"],
+                             "ddpm (ancestral, all T steps), ddim or dpmpp (DPM-Solver++); "
+                             "default: config.sampling.")
+_STEPS = flags.DEFINE_integer("steps", None, "Network calls of ddim and dpmpp; default: "
+                              "config.sampling.")
+_DDIM_STEPS = flags.DEFINE_integer("ddim_steps", None, "The older name of --steps.")
+_SOLVER_ORDER = flags.DEFINE_integer("solver_order", None, "dpmpp: 1 (= DDIM), 2 or 3; "
+                                     "default: config.sampling.")
+_STEP_SPACING = flags.DEFINE_enum("step_spacing", None, ["time", "logsnr"], "dpmpp: steps "
+                                  "uniform in time or in log-SNR; default: config.sampling.")
+_DYNAMIC_THRESHOLD = flags.DEFINE_float(
+    "dynamic_threshold", None, "dpmpp: Imagen's dynamic thresholding of x0 at this quantile "
+    "of |x0| (e.g. 0.995) instead of clipping; 0 = off. Default: config.sampling.")
 _DDIM_ETA = flags.DEFINE_float("ddim_eta", None, "DDIM eta (0 = deterministic); default: "
                                "config.sampling.")
 _CLIP_DENOISED = flags.DEFINE_bool(
@@ -137,23 +148,23 @@ def _check_request(config) -> None:
         _fail("--class_label and --guidance need a class-conditional model; this one is "
               "unconditional (config.model.num_classes=0)")
     try:
-        sampling.check_sampler(config.diffusion.timesteps, _sampler_setting(config, "sampler"),
-                               _sampler_setting(config, "ddim_steps"),
-                               _sampler_setting(config, "ddim_eta"))
+        sampling.check_settings(config.diffusion.timesteps, _sampler_settings(config))
     except ValueError as e:
         _fail(f"--{e}")
 
 
-def _sampler_setting(config, name: str):
-    """The flag --name if given, else config.sampling.name."""
-    value = {"sampler": _SAMPLER, "ddim_steps": _DDIM_STEPS, "ddim_eta": _DDIM_ETA,
-             "clip_denoised": _CLIP_DENOISED}[name].value
-    if value is not None:
-        return value
-    if name == "clip_denoised":
-        from ddpm_jax import sampling
-        return sampling.clip_denoised_setting(config.sampling)
-    return config.sampling[name]
+def _sampler_settings(config):
+    """`sampling.settings` of config.sampling with the sampler flags that were given."""
+    from ddpm_jax import sampling
+    if _DDIM_STEPS.value is not None and _STEPS.value not in (None, _DDIM_STEPS.value):
+        _fail("--steps and its older name --ddim_steps disagree; give --steps")
+    result = sampling.settings(config.sampling)
+    overrides = {"sampler": _SAMPLER, "steps": _DDIM_STEPS if _STEPS.value is None else _STEPS,
+                 "ddim_eta": _DDIM_ETA, "clip_denoised": _CLIP_DENOISED,
+                 "solver_order": _SOLVER_ORDER, "step_spacing": _STEP_SPACING,
+                 "dynamic_threshold": _DYNAMIC_THRESHOLD}
+    result.update({name: flag.value for name, flag in overrides.items() if flag.value is not None})
+    return result
 
 
 def _output_paths():
@@ -197,9 +208,7 @@ def main(argv):
     config_validation.resolve_paths(config)  # e.g. a stored '~/...' compilation cache
     _check_request(config)
     training.configure_compilation_cache(config)
-    sampler, ddim_steps, ddim_eta, clip_denoised = (
-        _sampler_setting(config, name)
-        for name in ("sampler", "ddim_steps", "ddim_eta", "clip_denoised"))
+    settings = _sampler_settings(config)
     num_images, nrow, conditional = _NUM_IMAGES.value, _NROW.value, {}
     num_classes = train_state.num_classes(config)
     if num_classes:
@@ -215,14 +224,22 @@ def main(argv):
     gif_images = min(_GIF_IMAGES.value, num_images) if _GIF.value else 0
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     schedule = schedules.make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
-    steps = sampling.num_sampling_steps(schedule.num_timesteps, sampler, ddim_steps)
+    sampler = settings["sampler"]
+    steps = len(sampling.sampler_timesteps(schedule, sampler, settings["steps"],
+                                           settings["step_spacing"]))
     is_main = jax.process_index() == 0
     if is_main:
         _prepare_outputs()
 
     if is_main:
-        description = (f"ddim, {steps} steps, eta {ddim_eta}" if sampler == "ddim"
-                       else f"ddpm, {steps} steps") + (", x0 clipped" if clip_denoised else "")
+        description = f"{sampler}, {steps} steps" + {
+            "ddim": f", eta {settings['ddim_eta']}",
+            "dpmpp": f", order {settings['solver_order']}, {settings['step_spacing']} spacing",
+        }.get(sampler, "")
+        if sampler == "dpmpp" and settings["dynamic_threshold"]:
+            description += f", x0 dynamically thresholded at {settings['dynamic_threshold']}"
+        elif settings["clip_denoised"]:
+            description += ", x0 clipped"
         if conditional:
             description += (f", classes {sorted(set(conditional['labels'].tolist()))}, "
                             f"guidance {conditional['guidance']}")
@@ -231,8 +248,7 @@ def main(argv):
               f"{_SEED.value}", flush=True)
     result = sampling.generate(
         sampling.ModelApply(train_state.create_model(config)), params, schedule, image_shape,
-        num_images, seed=_SEED.value, sampler=sampler, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
-        clip_denoised=clip_denoised,
+        num_images, seed=_SEED.value, **settings,
         trajectory_indices=range(gif_images), trajectory_frames=_GIF_FRAMES.value,
         chunk_size=_CHUNK_SIZE.value, progress=console.progress_printer("chunk", is_main),
         **conditional)

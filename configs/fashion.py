@@ -90,9 +90,12 @@ def get_config() -> ml_collections.ConfigDict:
     ))
 
     config.sampling = ml_collections.ConfigDict(dict(
-        sampler="ddpm",            # ddpm | ddim
-        ddim_steps=50,
+        sampler="ddpm",            # ddpm | ddim | dpmpp (DPM-Solver++; docs/sampling.md)
+        steps=50,                  # network calls of ddim and dpmpp (ddpm takes all T)
         ddim_eta=0.0,
+        solver_order=2,            # dpmpp: 1 (= DDIM), 2 (2M) or 3
+        step_spacing="time",       # dpmpp: steps uniform in "time" or in "logsnr"
+        dynamic_threshold=0.0,     # dpmpp: Imagen's thresholding at this quantile; 0 = off
         # Step through the predicted x0 clipped to [-1, 1] (the DDPM paper's sampler);
         # False: the design's Equation 11 (docs/sample_quality.md has the measurements).
         clip_denoised=True,

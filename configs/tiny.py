@@ -22,5 +22,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.sample_every = 0
     config.training.num_sample_images = 8
     config.optim.ema_decay = 0.9
-    config.sampling.ddim_steps = 10
+    config.sampling.steps = 10
     return config

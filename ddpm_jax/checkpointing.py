@@ -40,7 +40,11 @@ IDENTITY_FIELDS = ("model", "diffusion", "data.image_size", "data.channels")
 LATER_FIELDS = {"model.num_classes": 0, "training.label_dropout": 0.1, "sampling.guidance": 0.0,
                 "optim.ema_warmup": False, "optim.ema_start": 0, "sampling.clip_denoised": False,
                 "training.steps_per_call": 1, "data.image_key": "image",
-                "data.train_split": "train", "data.converted_data_dir": ""}
+                "data.train_split": "train", "data.converted_data_dir": "",
+                "sampling.solver_order": 2, "sampling.step_spacing": "time",
+                "sampling.dynamic_threshold": 0.0}
+# Fields renamed after checkpoints were first written: old name -> new name.
+RENAMED_FIELDS = {"sampling.ddim_steps": "sampling.steps"}
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +81,27 @@ def _json_ready(config) -> Dict[str, Any]:
     return json.loads(json.dumps(as_dict))
 
 
+def upgrade_config(stored: Dict[str, Any]) -> Dict[str, Any]:
+    """A stored config (nested dicts) in today's field names, with the old-behaviour value
+    of each of LATER_FIELDS it lacks."""
+    config = {section: dict(fields) if isinstance(fields, dict) else fields
+              for section, fields in stored.items()}
+    for old, new in RENAMED_FIELDS.items():
+        (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+        fields = config.get(old_section, {})
+        if old_name in fields and new_name not in config.get(new_section, {}):
+            config.setdefault(new_section, {})[new_name] = fields.pop(old_name)
+    for path, value in LATER_FIELDS.items():
+        section, name = path.split(".")
+        if isinstance(config.get(section), dict):
+            config[section].setdefault(name, value)
+    return config
+
+
 def config_differences(stored: Dict[str, Any], config) -> Tuple[List[str], List[str]]:
     """(identity differences, other differences) between a stored config and `config`,
     each as 'config.field: checkpoint X, now Y'."""
-    old, new = _flatten(_json_ready(stored)), _flatten(_json_ready(config))
-    old = {**{k: v for k, v in LATER_FIELDS.items() if k in new}, **old}
+    old, new = _flatten(_json_ready(upgrade_config(stored))), _flatten(_json_ready(config))
     identity, other = [], []
     for key in sorted(set(old) | set(new)):
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
@@ -301,9 +321,9 @@ def load_inference_params(workdir: str, use_ema: bool = True, mesh=None
                           ) -> Tuple[ml_collections.ConfigDict, Any, int]:
     """(config, params, step) of the newest readable checkpoint in `workdir`, for sampling.
 
-    The EMA parameters unless `use_ema` is False, replicated over `mesh`
-    (default: all devices). Unreadable newer checkpoints are skipped with a
-    warning and left in place. Raises CheckpointError if there is none.
+    The config in today's fields (`upgrade_config`); the EMA parameters unless `use_ema`
+    is False, replicated over `mesh` (default: all devices). Unreadable newer checkpoints
+    are skipped with a warning and left in place. Raises CheckpointError if there is none.
     """
     workdir_path = epath.Path(workdir)
     if not (workdir_path / CHECKPOINT_SUBDIR).is_dir():
@@ -323,7 +343,7 @@ def load_inference_params(workdir: str, use_ema: bool = True, mesh=None
     if restored is None:
         raise CheckpointError(f"no checkpoint in {workdir_path / CHECKPOINT_SUBDIR}")
     state, step, stored_config = restored
-    return (ml_collections.ConfigDict(stored_config),
+    return (ml_collections.ConfigDict(upgrade_config(stored_config)),
             state.ema_params if use_ema else state.params, step)
 
 

@@ -13,7 +13,7 @@ from etils import epath
 
 from ddpm_jax import datasets, evaluation, storage, unet
 from ddpm_jax.diffusion import LOSS_TYPES
-from ddpm_jax.sampling import SAMPLERS
+from ddpm_jax.sampling import check_sampler
 from ddpm_jax.schedules import BETA_SCHEDULES
 
 # Label counts of the TFDS datasets the configs use, checked before anything is opened; other
@@ -38,7 +38,8 @@ FIELDS = {
                      "checkpoint_every", "keep_checkpoints", "sample_every",
                      "num_sample_images", "nan_policy", "compilation_cache_dir",
                      "label_dropout", "steps_per_call"),
-        "sampling": ("sampler", "ddim_steps", "ddim_eta", "clip_denoised", "guidance"),
+        "sampling": ("sampler", "steps", "ddim_eta", "clip_denoised", "guidance", "solver_order",
+                     "step_spacing", "dynamic_threshold"),
 }
 
 
@@ -332,15 +333,21 @@ def steps_per_call_message(value: int, k: int) -> str:
 
 
 def _check_sampling(check: _Checker) -> None:
-    check.choice("sampling.sampler", SAMPLERS)
-    timesteps = check.get("diffusion.timesteps")
-    # DDIM visits at most every timestep; DDPM ignores ddim_steps.
-    ddim = check.get("sampling.sampler") == "ddim"
-    maximum = timesteps if ddim and isinstance(timesteps, int) and timesteps >= 1 else None
-    check.integer("sampling.ddim_steps", minimum=1, maximum=maximum)
-    check.number("sampling.ddim_eta", minimum=0.0)
+    """The types here; the choices and ranges in `sampling.check_sampler`, which `generate`
+    and sample.py call too."""
+    typed = [check.string("sampling.sampler"), check.integer("sampling.steps", minimum=1),
+             check.number("sampling.ddim_eta"), check.integer("sampling.solver_order"),
+             check.string("sampling.step_spacing"), check.number("sampling.dynamic_threshold")]
     check.boolean("sampling.clip_denoised")
     check.number("sampling.guidance")
+    timesteps = check.get("diffusion.timesteps")
+    if all(typed) and isinstance(timesteps, int) and timesteps >= 1:
+        s = check.get("sampling")
+        try:
+            check_sampler(timesteps, s.sampler, s.steps, s.ddim_eta, s.solver_order,
+                          s.step_spacing, s.dynamic_threshold)
+        except ValueError as e:
+            check.errors.append(f"config.sampling.{e}")
 
 
 def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> None:

@@ -292,10 +292,7 @@ class Evaluator:
         result = sampling.generate(
             self.apply_fn, params, self.schedule,
             (c.data.image_size, c.data.image_size, c.data.channels), n, seed=c.eval.seed,
-            sampler=c.sampling.sampler, ddim_steps=c.sampling.ddim_steps,
-            ddim_eta=c.sampling.ddim_eta,
-            clip_denoised=sampling.clip_denoised_setting(c.sampling), mesh=self.mesh,
-            progress=progress, **conditional)
+            mesh=self.mesh, progress=progress, **sampling.settings(c.sampling), **conditional)
         samples = quantize(result.images)
         for scorer in self.scorers:
             scores.update(scorer(samples))

@@ -1,13 +1,15 @@
-"""Generate images from a trained network: DDPM or DDIM, one compiled scan, sharded over devices.
+"""Generate images from a trained network: DDPM, DDIM or DPM-Solver++, one compiled scan,
+sharded over devices.
 
 Every image draws its randomness from its own key, `fold_in(key(seed), i)` for
 image i: its x_T and the noise of each step do not depend on how many images
 are requested, on the chunk size, on padding or on the device count. Image i
 is what the foundation's `p_sample_loop` (or `ddim_sample_loop`) returns for
 shape (1, H, W, C) and that key; the per-step updates are the foundation's
-`p_sample` and `ddim_step`, vmapped over the images. Results are bit for bit
-equal whenever each device computes the same number of images per call; with
-another per-device batch, XLA's kernels may round differently (about 1e-6).
+`p_sample` and `ddim_step` (and `dpm_solver.step`), vmapped over the images.
+Results are bit for bit equal whenever each device computes the same number of
+images per call; with another per-device batch, XLA's kernels may round
+differently (about 1e-6).
 
 A request is split into chunks of equal size (one compilation serves every
 chunk); each chunk's batch is split over a 1-D device mesh with axis 'data'
@@ -21,7 +23,7 @@ minutes) to save less than one image per device per chunk.
 import dataclasses
 import math
 import time
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -30,10 +32,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ddpm_jax import diffusion, embeddings, parallel
+from ddpm_jax import diffusion, dpm_solver, embeddings, parallel
 from ddpm_jax.schedules import DiffusionSchedule
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmpp")
 # The default chunk holds this many pixels per device (64 images of 32x32):
 # small enough for the activations of one network call on any accelerator,
 # large enough to keep it busy.
@@ -64,17 +66,31 @@ class ModelApply:
         return self.model.apply({"params": params}, x, t, labels, train=False)
 
 
-def check_sampler(num_timesteps: int, sampler: str, ddim_steps: int, ddim_eta: float) -> None:
-    """Raise ValueError naming the bad argument of a sampler configuration."""
+def check_sampler(num_timesteps: int, sampler: str, steps: int, ddim_eta: float,
+                  solver_order: int = 2, step_spacing: str = "time",
+                  dynamic_threshold: float = 0.0) -> None:
+    """Raise ValueError naming the bad argument of a sampler configuration (the one check
+    of these settings: config validation and sample.py call it too)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
-    if sampler == "ddim":
-        if not 1 <= ddim_steps <= num_timesteps:
-            raise ValueError(f"ddim_steps must be in [1, {num_timesteps}] (the model's "
-                             f"diffusion timesteps), got {ddim_steps}")
-        if not ddim_eta >= 0.0:
-            raise ValueError(f"ddim_eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like "
-                             f"noise), got {ddim_eta}")
+    if sampler != "ddpm" and not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps}] (the model's diffusion "
+                         f"timesteps), got {steps}")
+    if not ddim_eta >= 0.0:
+        raise ValueError(f"ddim_eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like "
+                         f"noise), got {ddim_eta}")
+    if solver_order not in dpm_solver.ORDERS:
+        raise ValueError(f"solver_order must be one of {list(dpm_solver.ORDERS)}, "
+                         f"got {solver_order!r}")
+    if step_spacing not in dpm_solver.SPACINGS:
+        raise ValueError(f"step_spacing must be one of {list(dpm_solver.SPACINGS)}, "
+                         f"got {step_spacing!r}")
+    if not 0.0 <= dynamic_threshold <= 1.0:
+        raise ValueError(f"dynamic_threshold must be in [0, 1] (a quantile of |x0|; 0 = off), "
+                         f"got {dynamic_threshold}")
+    if dynamic_threshold and sampler != "dpmpp":
+        raise ValueError(f"dynamic_threshold applies to sampler 'dpmpp' only, not {sampler!r}; "
+                         f"set it to 0")
 
 
 def clip_denoised_setting(sampling_config) -> bool:
@@ -83,11 +99,31 @@ def clip_denoised_setting(sampling_config) -> bool:
     return bool(sampling_config.get("clip_denoised", False))
 
 
-def num_sampling_steps(num_timesteps: int, sampler: str, ddim_steps: int) -> int:
-    """How many network calls one image takes."""
+def settings(sampling_config) -> Dict[str, Any]:
+    """`generate`'s sampler arguments from a config's `sampling` section."""
+    c = sampling_config
+    return dict(sampler=c.sampler, steps=c.steps, ddim_eta=c.ddim_eta,
+                clip_denoised=clip_denoised_setting(c), solver_order=c.solver_order,
+                step_spacing=c.step_spacing, dynamic_threshold=c.dynamic_threshold)
+
+
+def check_settings(num_timesteps: int, sampler_settings: Dict[str, Any]) -> None:
+    """`check_sampler` of `settings`' arguments."""
+    check_sampler(num_timesteps, **{k: v for k, v in sampler_settings.items()
+                                    if k != "clip_denoised"})
+
+
+def sampler_timesteps(schedule: DiffusionSchedule, sampler: str, steps: int,
+                      step_spacing: str = "time") -> np.ndarray:
+    """The descending timesteps at which the sampler calls the network (one call each);
+    the schedule must be concrete (not traced) for DPM-Solver++'s log-SNR spacing."""
     if sampler == "ddim":
-        return len(diffusion.ddim_timesteps(num_timesteps, ddim_steps))
-    return num_timesteps
+        return diffusion.ddim_timesteps(schedule.num_timesteps, steps)
+    if sampler == "dpmpp":
+        return dpm_solver.timesteps(np.asarray(schedule.sqrt_alphas_cumprod),
+                                    np.asarray(schedule.sqrt_one_minus_alphas_cumprod), steps,
+                                    step_spacing)
+    return np.arange(schedule.num_timesteps - 1, -1, -1, dtype=np.int32)
 
 
 def trajectory_steps(num_steps: int, max_frames: Optional[int] = None) -> Tuple[int, ...]:
@@ -109,10 +145,12 @@ def image_keys(seed, indices) -> jax.Array:
 
 
 def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, keys: jax.Array,
-                 image_shape: Tuple[int, int, int], sampler: str = "ddpm", ddim_steps: int = 50,
+                 image_shape: Tuple[int, int, int], sampler: str = "ddpm", steps: int = 50,
                  ddim_eta=0.0, trajectory_positions: Optional[jnp.ndarray] = None,
                  frame_steps: Optional[Sequence[int]] = None, clip_denoised: bool = False,
-                 labels: Optional[jnp.ndarray] = None):
+                 labels: Optional[jnp.ndarray] = None, *, solver_order: int = 2,
+                 step_spacing: str = "time", dynamic_threshold: float = 0.0,
+                 objective: str = "eps", timesteps: Optional[Sequence[int]] = None):
     """Images x_0 [B, H, W, C] for per-image keys [B], as one `lax.scan` over the steps.
 
     With int `labels` [B], `denoise_fn` is conditional, `(x, t, labels) -> noise`
@@ -125,27 +163,53 @@ def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, k
     `frame_steps` (default all; see `trajectory_steps`), [F, K, H, W, C],
     keeping nothing of the other images and steps; else None. clip_denoised: step
     through the predicted x0 clipped to [-1, 1] (`diffusion.p_sample`, `ddim_step`).
+
+    sampler 'dpmpp' is DPM-Solver++ (`dpm_solver`) of `solver_order` over `steps` network
+    calls spaced by `step_spacing`, deterministic given x_T; `dynamic_threshold` > 0 replaces
+    its x0 clipping by Imagen's thresholding at that quantile; it reads the network's output
+    as `objective` (`diffusion.predict_x0_eps`). timesteps: the network calls' timesteps,
+    default `sampler_timesteps` (pass them when the schedule is traced).
     """
+    if objective != "eps" and sampler != "dpmpp":
+        raise ValueError(f"objective {objective!r} needs sampler 'dpmpp'; ddpm and ddim read "
+                         f"the network's output as the noise")
     split = jax.vmap(jax.random.split)(keys)
     init_keys, loop_keys = split[:, 0], split[:, 1]
     # One [1, H, W, C] image per key, as the foundation's loops draw it.
     x = jax.vmap(lambda k: jax.random.normal(k, (1, *image_shape), jnp.float32))(init_keys)
+    ts = np.asarray(sampler_timesteps(schedule, sampler, steps, step_spacing)
+                    if timesteps is None else timesteps, np.int32)
+    t_prevs = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+    history = ()  # what a step keeps for the next ones (DPM-Solver++: the last two x0)
 
     if sampler == "ddpm":
-        ts = np.arange(schedule.num_timesteps - 1, -1, -1, dtype=np.int32)
-        t_prevs = ts - 1
-
-        def update(denoise, x_one, t, t_prev, key):
-            del t_prev
+        def update(denoise, x_one, history, i, t, t_prev, key):
+            del i, t_prev
             return diffusion.p_sample(schedule, denoise, x_one, jnp.full((1,), t, jnp.int32),
-                                      key, clip_denoised)
-    else:
-        ts = diffusion.ddim_timesteps(schedule.num_timesteps, ddim_steps)
-        t_prevs = np.concatenate([ts[1:], [-1]]).astype(np.int32)
-
-        def update(denoise, x_one, t, t_prev, key):
+                                      key, clip_denoised), history
+    elif sampler == "ddim":
+        def update(denoise, x_one, history, i, t, t_prev, key):
+            del i
             return diffusion.ddim_step(schedule, denoise, x_one, t, t_prev, ddim_eta, key,
-                                       clip_denoised)
+                                       clip_denoised), history
+    else:
+        alpha, sigma, lam = dpm_solver.grid_constants(schedule, ts)
+        step_orders = jnp.asarray(dpm_solver.orders(len(ts), solver_order))
+        history = (jnp.zeros_like(x), jnp.zeros_like(x))
+
+        def update(denoise, x_one, history, i, t, t_prev, key):
+            del t_prev, key
+            t_batch = jnp.full((1,), t, jnp.int32)
+            x0, _ = diffusion.predict_x0_eps(schedule, objective, x_one, t_batch,
+                                             denoise(x_one, t_batch))
+            if dynamic_threshold:
+                x0 = dpm_solver.dynamic_threshold(x0, dynamic_threshold)
+            elif clip_denoised:
+                x0 = jnp.clip(x0, -1.0, 1.0)
+            lambdas = (lam[i + 1], lam[i], lam[jnp.maximum(i - 1, 0)], lam[jnp.maximum(i - 2, 0)])
+            x_one = dpm_solver.step(x_one, (x0, *history), lambdas, alpha[i + 1], sigma[i + 1],
+                                    sigma[i], step_orders[i])
+            return x_one, (x0, history[0])
 
     frame_steps = range(len(ts)) if frame_steps is None else frame_steps
     frame_of_step = np.full(len(ts), -1, np.int32)  # -1: the step is not kept
@@ -154,18 +218,20 @@ def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, k
               jnp.zeros((len(frame_steps), len(trajectory_positions), *image_shape), jnp.float32))
 
     def step(carry, inputs):
-        x, frames = carry
-        t, t_prev, frame = inputs
-        x = jax.vmap(lambda x_one, k, y: update(_with_label(denoise_fn, y), x_one, t, t_prev,
-                                                jax.random.fold_in(k, t)))(x, loop_keys, labels)
+        x, history, frames = carry
+        i, t, t_prev, frame = inputs
+        x, history = jax.vmap(
+            lambda x_one, h, k, y: update(_with_label(denoise_fn, y), x_one, h, i, t, t_prev,
+                                          jax.random.fold_in(k, t)))(x, history, loop_keys, labels)
         if frames is not None:
             slot = jnp.maximum(frame, 0)
             frames = frames.at[slot].set(
                 jnp.where(frame >= 0, x[trajectory_positions, 0], frames[slot]))
-        return (x, frames), None
+        return (x, history, frames), None
 
-    (x, frames), _ = jax.lax.scan(
-        step, (x, frames), (jnp.asarray(ts), jnp.asarray(t_prevs), jnp.asarray(frame_of_step)))
+    (x, _, frames), _ = jax.lax.scan(
+        step, (x, history, frames),
+        (jnp.arange(len(ts)), jnp.asarray(ts), jnp.asarray(t_prevs), jnp.asarray(frame_of_step)))
     return x[:, 0], frames
 
 
@@ -177,8 +243,8 @@ def _with_label(denoise_fn, label):
 
 
 def _sample_chunk(params, schedule, seed, indices, trajectory_positions, ddim_eta, labels,
-                  guidance, *, apply_fn, image_shape, sampler, ddim_steps, frame_steps, mesh,
-                  clip_denoised=False):
+                  guidance, *, apply_fn, image_shape, sampler, timesteps, frame_steps, mesh,
+                  clip_denoised=False, solver_order=2, dynamic_threshold=0.0, objective="eps"):
     """One chunk: the images of global `indices` (sharded over 'data'), x_0 and trajectory;
     with `labels` guided by `guidance` (`diffusion.guided_denoise_fn`)."""
     if labels is None:
@@ -187,8 +253,10 @@ def _sample_chunk(params, schedule, seed, indices, trajectory_positions, ddim_et
         denoise_fn = diffusion.guided_denoise_fn(
             lambda x, t, y: apply_fn(params, x, t, y), apply_fn.num_classes, guidance)
     images, trajectory = sample_batch(
-        schedule, denoise_fn, image_keys(seed, indices), image_shape,
-        sampler, ddim_steps, ddim_eta, trajectory_positions, frame_steps, clip_denoised, labels)
+        schedule, denoise_fn, image_keys(seed, indices), image_shape, sampler,
+        ddim_eta=ddim_eta, trajectory_positions=trajectory_positions, frame_steps=frame_steps,
+        clip_denoised=clip_denoised, labels=labels, solver_order=solver_order,
+        dynamic_threshold=dynamic_threshold, objective=objective, timesteps=timesteps)
     images = jax.lax.with_sharding_constraint(images, parallel.batch_sharded(mesh))
     if trajectory is not None:
         trajectory = jax.lax.with_sharding_constraint(trajectory, parallel.replicated(mesh))
@@ -196,8 +264,8 @@ def _sample_chunk(params, schedule, seed, indices, trajectory_positions, ddim_et
 
 
 _sample_chunk_jit = jax.jit(_sample_chunk, static_argnames=(
-    "apply_fn", "image_shape", "sampler", "ddim_steps", "frame_steps", "mesh",
-    "clip_denoised"))
+    "apply_fn", "image_shape", "sampler", "timesteps", "frame_steps", "mesh",
+    "clip_denoised", "solver_order", "dynamic_threshold", "objective"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,8 +377,10 @@ def _check_labels(labels, num_images: int, num_classes: int) -> Optional[np.ndar
 
 def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
              image_shape: Sequence[int], num_images: int, *, seed: int = 0,
-             sampler: str = "ddpm", ddim_steps: int = 50, ddim_eta: float = 0.0,
-             clip_denoised: bool = False,
+             sampler: str = "ddpm", steps: Optional[int] = None, ddim_eta: float = 0.0,
+             clip_denoised: bool = False, solver_order: int = 2, step_spacing: str = "time",
+             dynamic_threshold: float = 0.0, objective: str = "eps",
+             ddim_steps: Optional[int] = None,
              trajectory_indices: Sequence[int] = (), trajectory_frames: Optional[int] = None,
              chunk_size: Optional[int] = None,
              mesh: Optional[Mesh] = None,
@@ -323,9 +393,15 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
         equal apply_fns (and shapes and sampler settings) reuse one compilation.
       image_shape: (H, W, C) of the images the network was trained on.
       seed: the images are a function of (seed, image index) only.
-      sampler: 'ddpm' (ancestral, all T steps) or 'ddim' (`ddim_steps` steps, `ddim_eta`).
+      sampler: 'ddpm' (ancestral, all T steps), 'ddim' (`steps` network calls, `ddim_eta`)
+        or 'dpmpp' (DPM-Solver++ of `solver_order` over `steps` network calls spaced by
+        `step_spacing`, 'time' or 'logsnr'; see `dpm_solver`).
+      steps: network calls of ddim and dpmpp (default 50); `ddim_steps` is its older name.
       clip_denoised: step through the predicted x0 clipped to [-1, 1] (the DDPM paper's
         sampler); False: the design's Equation 11.
+      dynamic_threshold: dpmpp: Imagen's dynamic thresholding of x0 at this quantile of
+        |x0| instead of the clipping; 0 = off.
+      objective: what the network predicts, 'eps', 'x0' or 'v' (`diffusion.predict_x0_eps`).
       trajectory_indices: images whose steps to keep, e.g. for a GIF.
       trajectory_frames: keep at most this many steps (`trajectory_steps`); None: all.
       chunk_size: most images per compiled call; None: `default_chunk_size`.
@@ -338,7 +414,12 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
     image_shape = tuple(int(s) for s in image_shape)
     if len(image_shape) != 3:
         raise ValueError(f"image_shape must be (H, W, C), got {image_shape}")
-    check_sampler(schedule.num_timesteps, sampler, ddim_steps, ddim_eta)
+    if steps is not None and ddim_steps is not None and steps != ddim_steps:
+        raise ValueError(f"steps={steps} and its older name ddim_steps={ddim_steps} disagree; "
+                         f"give steps only")
+    steps = next((s for s in (steps, ddim_steps) if s is not None), 50)
+    check_sampler(schedule.num_timesteps, sampler, steps, ddim_eta, solver_order, step_spacing,
+                  dynamic_threshold)
     if not -2**31 <= seed < 2**31:
         raise ValueError(f"seed must fit in int32, got {seed}")
     trajectory_indices = [int(i) for i in trajectory_indices]
@@ -346,9 +427,10 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
         raise ValueError(f"trajectory_indices must be in [0, num_images={num_images}), "
                          f"got {trajectory_indices}")
     labels = _check_labels(labels, num_images, getattr(apply_fn, "num_classes", 0))
-    num_steps = num_sampling_steps(schedule.num_timesteps, sampler, ddim_steps)
-    # Static (part of the compiled program): only when a trajectory is kept.
-    frame_steps = trajectory_steps(num_steps, trajectory_frames) if trajectory_indices else ()
+    # Static (part of the compiled program), as the frames, kept only with a trajectory.
+    timesteps = tuple(int(t) for t in sampler_timesteps(schedule, sampler, steps, step_spacing))
+    frame_steps = (trajectory_steps(len(timesteps), trajectory_frames) if trajectory_indices
+                   else ())
     mesh = parallel.make_mesh() if mesh is None else mesh
     num_devices = mesh.devices.size
     plan = plan_chunks(num_images, num_devices, default_chunk_size(image_shape, num_devices)
@@ -375,9 +457,11 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
             chunk_labels = jax.device_put(chunk_labels, parallel.batch_sharded(mesh))
         return indices, positions, eta, chunk_labels, guidance_array
 
+    dpmpp = sampler == "dpmpp"  # the solver's settings: one compilation for the others
     static = dict(apply_fn=apply_fn, image_shape=image_shape, sampler=sampler,
-                  ddim_steps=ddim_steps if sampler == "ddim" else 0, frame_steps=frame_steps,
-                  mesh=mesh, clip_denoised=bool(clip_denoised))
+                  timesteps=timesteps, frame_steps=frame_steps, mesh=mesh,
+                  clip_denoised=bool(clip_denoised), solver_order=solver_order if dpmpp else 2,
+                  dynamic_threshold=float(dynamic_threshold), objective=objective)
     start_compile = time.perf_counter()
     compiled = _sample_chunk_jit.lower(params, schedule, seed_array, *chunk_inputs(0),
                                        **static).compile()

@@ -359,9 +359,7 @@ class _Loop:
             sampling.ModelApply(self.model), state.ema_params, self.schedule,
             (c.data.image_size, c.data.image_size, c.data.channels),
             c.training.num_sample_images if labels is None else len(labels), seed=c.seed,
-            sampler=c.sampling.sampler, ddim_steps=c.sampling.ddim_steps,
-            ddim_eta=c.sampling.ddim_eta, clip_denoised=c.sampling.clip_denoised,
-            mesh=self.mesh, **conditional)
+            mesh=self.mesh, **sampling.settings(c.sampling), **conditional)
         if jax.process_index() == 0:
             nrow = (math.ceil(math.sqrt(len(result.images))) if labels is None
                     else len(labels) // self.model.num_classes)

@@ -221,3 +221,18 @@ def test_load_inference_params_returns_the_config_and_ema(tmp_path, config_and_s
 def test_load_inference_params_of_a_non_workdir_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match=f"{tmp_path} has no checkpoints/ directory"):
         load_inference_params(str(tmp_path))
+
+
+def test_configs_stored_before_the_sampler_fields_read_as_today():
+    """`sampling.ddim_steps` became `sampling.steps`; the DPM-Solver++ fields are later."""
+    stored = tiny.get_config().to_dict()
+    stored["sampling"]["ddim_steps"] = stored["sampling"].pop("steps")
+    for name in ("solver_order", "step_spacing", "dynamic_threshold"):
+        del stored["sampling"][name]
+    upgraded = checkpointing.upgrade_config(stored)
+    assert upgraded["sampling"] == tiny.get_config().sampling.to_dict()
+    assert "ddim_steps" in stored["sampling"]  # the stored dict itself is left as it was
+    assert checkpointing.config_differences(stored, tiny.get_config()) == ([], [])
+    stored["sampling"]["ddim_steps"] = 7
+    assert checkpointing.config_differences(stored, tiny.get_config())[1] == [
+        "config.sampling.steps: checkpoint 7, now 10"]

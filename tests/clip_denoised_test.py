@@ -97,14 +97,18 @@ def test_ddim_step_clipped_closed_form(t, t_prev, eta):
     np.testing.assert_allclose(run(True), run(False), atol=2e-5)
 
 
-@pytest.mark.parametrize("sampler, steps", [("ddpm", 0), ("ddim", 8)])
+@pytest.mark.parametrize("sampler, steps", [("ddpm", 0), ("ddim", 8), ("dpmpp", 8)])
 def test_generate_clipped_is_the_clipped_loop_and_ends_in_range(sampler, steps):
     schedule = schedules.make_schedule("linear", 50)
-    kwargs = dict(schedule=schedule, seed=7, sampler=sampler, ddim_steps=steps or 50)
+    kwargs = dict(schedule=schedule, seed=7, sampler=sampler, steps=steps or 50)
     clipped = _generate(3, clip_denoised=True, **kwargs).images
     plain = _generate(3, **kwargs).images
     assert np.abs(clipped).max() <= 1.0 and np.abs(plain).max() > 1.0
     key = sampling.image_keys(7, [2])[0]
+    if sampler == "dpmpp":  # its last step returns the clipped x0; the same without clipping
+        dynamic = _generate(3, dynamic_threshold=0.9, **kwargs).images
+        assert np.abs(dynamic).max() <= 1.0 and np.abs(dynamic - clipped).max() > 1e-3
+        return
     if sampler == "ddpm":
         loop = diffusion.p_sample_loop(schedule, _toy_denoise, (1, *SHAPE), key,
                                        clip_denoised=True)

@@ -112,14 +112,14 @@ def test_guidance_algebra(models):
     assert np.abs(guided(2.5) - conditional).max() > 1e-3
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
 def test_guided_samples_keep_each_images_noise(models, sampler):
     """With a class embedding that is zero, eps(x, c) = eps(x, none): any guidance scale must
     then give the unconditional network's images from the same seed (the same noise)."""
     model, params, cond_model, cond_params = models
     zeroed = dict(cond_params, class_emb=jax.tree.map(jnp.zeros_like, cond_params["class_emb"]))
     schedule = make_schedule("linear", 20)
-    common = dict(seed=3, sampler=sampler, ddim_steps=5)
+    common = dict(seed=3, sampler=sampler, steps=5)
     plain = sampling.generate(sampling.ModelApply(model), params, schedule, (28, 28, 1), 6,
                               **common).images
     labels = np.array([0, 1, 2, 3, 4, 5])
@@ -285,11 +285,14 @@ def _command(script, *args, expect_ok=True):
 def test_sample_command_one_class_per_row(conditional_run, tmp_path):
     workdir = conditional_run[4]
     fast = ["--sampler=ddim", "--ddim_steps=2", f"--workdir={workdir}"]
-    _command("sample.py", *fast, "--class_label=all", "--num_images=20", "--guidance=1.5",
+    _command("sample.py", "--sampler=dpmpp", "--steps=20", f"--workdir={workdir}",
+             "--class_label=all", "--num_images=20", "--guidance=1.5",
              f"--output={tmp_path / 'grid.png'}", f"--save_npz={tmp_path / 's.npz'}")
     saved = np.load(tmp_path / "s.npz")
     assert saved["labels"].tolist() == np.repeat(np.arange(10), 2).tolist()
     assert float(saved["guidance"]) == 1.5
+    # T = 20: 21 points from 19 to 0 round to 20 distinct timesteps, t = 0 left to the end.
+    assert str(saved["sampler"]) == "dpmpp" and int(saved["steps"]) == 19
     width, height = Image.open(tmp_path / "grid.png").size
     assert (width, height) == (2 + 2 * 30, 2 + 10 * 30)  # 2 columns, one row per class
     done = _command("sample.py", *fast, "--class_label=10", expect_ok=False)

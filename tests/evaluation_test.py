@@ -108,7 +108,7 @@ def test_validate_config_names_the_field():
 
 def test_evaluator_on_the_tiny_config(fashion_mnist_dirs, tmp_path):
     """Real test images, a tiny UNet, an untrained classifier: every number is produced."""
-    config = tiny_config(fashion_mnist_dirs, sampling__sampler="ddim", sampling__ddim_steps=2)
+    config = tiny_config(fashion_mnist_dirs, sampling__sampler="ddim", sampling__steps=2)
     config.unlock()
     config.eval = evaluation.default_config()
     config.eval.update(bpd_every=5, bpd_num_images=3, bpd_batch_size=2, fid_every=10,

@@ -201,7 +201,7 @@ def test_evaluator_reports_inception_fid(ported, fashion_mnist_dirs, tmp_path):
     train split, through sampling and the metrics dict. (A 2048-d Fréchet distance takes
     ~15 s on a busy CPU.)"""
     reference, _, _ = ported
-    config = tiny_config(fashion_mnist_dirs, sampling__sampler="ddim", sampling__ddim_steps=2)
+    config = tiny_config(fashion_mnist_dirs, sampling__sampler="ddim", sampling__steps=2)
     config.unlock()
     config.eval = evaluation.default_config()
     config.eval.update(fid_every=10, fid_num_samples=4, fid_reference_images=4,

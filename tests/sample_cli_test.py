@@ -82,6 +82,18 @@ def test_grid_gif_and_npz(workdir, tmp_path):
     assert Image.open(out / "raw.gif").n_frames == 3
 
 
+def test_dpmpp_grid_and_gif(workdir, tmp_path):
+    done = _sample(f"--workdir={workdir}", "--num_images=4", "--sampler=dpmpp", "--steps=20",
+                   f"--output={tmp_path}/grid.png", f"--save_npz={tmp_path}/samples.npz",
+                   f"--gif={tmp_path}/denoise.gif", "--gif_images=2")
+    # T = 20: 21 points from 19 to 0 round to 20 distinct timesteps, t = 0 left to the end.
+    assert "dpmpp, 19 steps, order 2, time spacing, x0 clipped" in done.stdout
+    samples = np.load(tmp_path / "samples.npz")["images"]
+    assert samples.shape == (4, 28, 28, 1) and np.abs(samples).max() <= 1.0
+    assert Image.open(tmp_path / "grid.png").size == (2 * 30 + 2, 2 * 30 + 2)
+    assert Image.open(tmp_path / "denoise.gif").n_frames == 19
+
+
 def test_clip_denoised_flag(workdir, tmp_path):
     """--clip_denoised steps through x0 clipped to [-1, 1]: the images end in range."""
     for flag, clipped in (("--clip_denoised", True), ("--noclip_denoised", False)):
@@ -138,7 +150,11 @@ def test_clear_errors_with_a_checkpoint(workdir, tmp_path):
         ([f"--workdir={workdir}", "--image_size=32"],
          "--image_size=32, but the model was trained on 28x28 images"),
         ([f"--workdir={workdir}", "--sampler=ddim", "--ddim_steps=21"],
-         "--ddim_steps must be in [1, 20]"),
+         "--steps must be in [1, 20]"),
+        ([f"--workdir={workdir}", "--steps=3", "--ddim_steps=4"],
+         "--steps and its older name --ddim_steps disagree"),
+        ([f"--workdir={workdir}", "--sampler=ddim", "--dynamic_threshold=0.9"],
+         "--dynamic_threshold applies to sampler 'dpmpp' only"),
         ([f"--workdir={workdir}", "--config=configs/tiny.py"],
          "--config goes with --torch_checkpoint only"),
         ([f"--workdir={workdir}", f"--output={workdir}"], "is a directory"),

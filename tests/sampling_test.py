@@ -98,17 +98,19 @@ def test_ddim_matches_ddim_sample_loop_and_eta0_is_deterministic_given_x_T():
                                                           sampler="ddim", ddim_steps=8).images)
 
 
-def test_images_do_not_depend_on_chunking_and_seed_changes_them():
-    whole = _generate(13, seed=2, trajectory_indices=[12, 0])
+@pytest.mark.parametrize("sampler", [{}, dict(sampler="dpmpp", steps=10, solver_order=3)])
+def test_images_do_not_depend_on_chunking_and_seed_changes_them(sampler):
+    whole = _generate(13, seed=2, trajectory_indices=[12, 0], **sampler)
     assert whole.plan == sampling.ChunkPlan(13, 1)
     for chunk_size in (1, 6):
-        chunked = _generate(13, seed=2, chunk_size=chunk_size, trajectory_indices=[12, 0])
+        chunked = _generate(13, seed=2, chunk_size=chunk_size, trajectory_indices=[12, 0],
+                            **sampler)
         assert chunked.plan.num_chunks == -(-13 // chunk_size)
         np.testing.assert_array_equal(chunked.images, whole.images)
         np.testing.assert_array_equal(chunked.trajectory, whole.trajectory)
     # A prefix of a larger request is the smaller request.
-    np.testing.assert_array_equal(_generate(20, seed=2).images[:13], whole.images)
-    assert np.abs(_generate(13, seed=3).images - whole.images).min() > 0
+    np.testing.assert_array_equal(_generate(20, seed=2, **sampler).images[:13], whole.images)
+    assert np.abs(_generate(13, seed=3, **sampler).images - whole.images).min() > 0
 
 
 def test_trajectory_keeps_only_the_chosen_steps():
@@ -148,8 +150,16 @@ def test_plan_chunks_wastes_less_than_a_device_per_chunk():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(sampler="ddpmm"), r"sampler must be one of \['ddpm', 'ddim'\], got 'ddpmm'"),
-    (dict(sampler="ddim", ddim_steps=51), r"ddim_steps must be in \[1, 50\]"),
+    (dict(sampler="ddpmm"), r"sampler must be one of \['ddpm', 'ddim', 'dpmpp'\], got 'ddpmm'"),
+    (dict(sampler="ddim", ddim_steps=51), r"steps must be in \[1, 50\]"),
+    (dict(sampler="dpmpp", steps=0), r"steps must be in \[1, 50\]"),
+    (dict(steps=5, ddim_steps=6), r"steps=5 and its older name ddim_steps=6 disagree"),
+    (dict(sampler="dpmpp", solver_order=4), r"solver_order must be one of \[1, 2, 3\], got 4"),
+    (dict(sampler="dpmpp", step_spacing="karras"), r"step_spacing must be one of \['time', "
+     r"'logsnr'\], got 'karras'"),
+    (dict(sampler="dpmpp", dynamic_threshold=1.5), r"dynamic_threshold must be in \[0, 1\]"),
+    (dict(sampler="ddim", dynamic_threshold=0.9), r"applies to sampler 'dpmpp' only"),
+    (dict(sampler="ddim", objective="v"), r"objective 'v' needs sampler 'dpmpp'"),
     (dict(sampler="ddim", ddim_eta=-0.1), r"ddim_eta must be >= 0"),
     (dict(trajectory_indices=[3]), r"trajectory_indices must be in \[0, num_images=3\)"),
     (dict(chunk_size=0), r"chunk_size must be >= 1"),
