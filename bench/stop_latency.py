@@ -11,7 +11,6 @@ numbers.
         --workdir=workdir/stop_measure --config.data.tfds_data_dir=.cache/tfds
 """
 import argparse
-import os
 import signal
 import subprocess
 import sys
