@@ -211,7 +211,7 @@ def main(argv):
         num_images, nrow = len(labels), nrow or per_row
     gif_images = min(_GIF_IMAGES.value, num_images) if _GIF.value else 0
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    schedule = schedules.make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
+    schedule = schedules.schedule_from_config(config.diffusion)
     steps = sampling.num_sampling_steps(schedule.num_timesteps, sampler, ddim_steps)
     is_main = jax.process_index() == 0
     if is_main:
@@ -229,7 +229,7 @@ def main(argv):
     result = sampling.generate(
         sampling.ModelApply(train_state.create_model(config)), params, schedule, image_shape,
         num_images, seed=_SEED.value, sampler=sampler, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
-        clip_denoised=clip_denoised,
+        clip_denoised=clip_denoised, objective=config.diffusion.objective,
         trajectory_indices=range(gif_images), trajectory_frames=_GIF_FRAMES.value,
         chunk_size=_CHUNK_SIZE.value, progress=console.progress_printer("chunk", is_main),
         **conditional)

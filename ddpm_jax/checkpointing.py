@@ -40,7 +40,9 @@ IDENTITY_FIELDS = ("model", "diffusion", "data.image_size", "data.channels")
 LATER_FIELDS = {"model.num_classes": 0, "training.label_dropout": 0.1, "sampling.guidance": 0.0,
                 "optim.ema_warmup": False, "optim.ema_start": 0, "sampling.clip_denoised": False,
                 "training.steps_per_call": 1, "data.image_key": "image",
-                "data.train_split": "train"}
+                "data.train_split": "train", "diffusion.objective": "eps",
+                "diffusion.loss_weighting": "none", "diffusion.min_snr_gamma": 5.0,
+                "diffusion.terminal_snr": "design"}
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +274,8 @@ class Checkpointer:
 
 def load_inference_params(workdir: str, use_ema: bool = True, mesh=None
                           ) -> Tuple[ml_collections.ConfigDict, Any, int]:
-    """(config, params, step) of the newest readable checkpoint in `workdir`, for sampling.
+    """(config, params, step) of the newest readable checkpoint in `workdir`, for sampling
+    (the config `with_later_fields`).
 
     The EMA parameters unless `use_ema` is False, replicated over `mesh`
     (default: all devices). Unreadable newer checkpoints are skipped with a
@@ -296,8 +299,19 @@ def load_inference_params(workdir: str, use_ema: bool = True, mesh=None
     if restored is None:
         raise CheckpointError(f"no checkpoint in {workdir_path / CHECKPOINT_SUBDIR}")
     state, step, stored_config = restored
-    return (ml_collections.ConfigDict(stored_config),
-            state.ema_params if use_ema else state.params, step)
+    return (with_later_fields(stored_config), state.ema_params if use_ema else state.params,
+            step)
+
+
+def with_later_fields(stored_config: Dict[str, Any]) -> ml_collections.ConfigDict:
+    """A stored config with each `LATER_FIELDS` entry it lacks set to the behaviour it was
+    written with, so that sampling and evaluating an older checkpoint reproduce its run."""
+    config = ml_collections.ConfigDict(stored_config)
+    for path, value in LATER_FIELDS.items():
+        section, name = path.split(".")
+        if section in config and name not in config[section]:
+            config[section][name] = value
+    return config
 
 
 def abstract_train_state(config, sharding) -> Any:

@@ -112,7 +112,7 @@ def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, k
                  image_shape: Tuple[int, int, int], sampler: str = "ddpm", ddim_steps: int = 50,
                  ddim_eta=0.0, trajectory_positions: Optional[jnp.ndarray] = None,
                  frame_steps: Optional[Sequence[int]] = None, clip_denoised: bool = False,
-                 labels: Optional[jnp.ndarray] = None):
+                 labels: Optional[jnp.ndarray] = None, objective: str = "eps"):
     """Images x_0 [B, H, W, C] for per-image keys [B], as one `lax.scan` over the steps.
 
     With int `labels` [B], `denoise_fn` is conditional, `(x, t, labels) -> noise`
@@ -125,6 +125,7 @@ def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, k
     `frame_steps` (default all; see `trajectory_steps`), [F, K, H, W, C],
     keeping nothing of the other images and steps; else None. clip_denoised: step
     through the predicted x0 clipped to [-1, 1] (`diffusion.p_sample`, `ddim_step`).
+    objective: what `denoise_fn` predicts (`diffusion.OBJECTIVES`).
     """
     split = jax.vmap(jax.random.split)(keys)
     init_keys, loop_keys = split[:, 0], split[:, 1]
@@ -138,14 +139,14 @@ def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, k
         def update(denoise, x_one, t, t_prev, key):
             del t_prev
             return diffusion.p_sample(schedule, denoise, x_one, jnp.full((1,), t, jnp.int32),
-                                      key, clip_denoised)
+                                      key, clip_denoised, objective)
     else:
         ts = diffusion.ddim_timesteps(schedule.num_timesteps, ddim_steps)
         t_prevs = np.concatenate([ts[1:], [-1]]).astype(np.int32)
 
         def update(denoise, x_one, t, t_prev, key):
             return diffusion.ddim_step(schedule, denoise, x_one, t, t_prev, ddim_eta, key,
-                                       clip_denoised)
+                                       clip_denoised, objective)
 
     frame_steps = range(len(ts)) if frame_steps is None else frame_steps
     frame_of_step = np.full(len(ts), -1, np.int32)  # -1: the step is not kept
@@ -178,7 +179,7 @@ def _with_label(denoise_fn, label):
 
 def _sample_chunk(params, schedule, seed, indices, trajectory_positions, ddim_eta, labels,
                   guidance, *, apply_fn, image_shape, sampler, ddim_steps, frame_steps, mesh,
-                  clip_denoised=False):
+                  clip_denoised=False, objective="eps"):
     """One chunk: the images of global `indices` (sharded over 'data'), x_0 and trajectory;
     with `labels` guided by `guidance` (`diffusion.guided_denoise_fn`)."""
     if labels is None:
@@ -188,7 +189,8 @@ def _sample_chunk(params, schedule, seed, indices, trajectory_positions, ddim_et
             lambda x, t, y: apply_fn(params, x, t, y), apply_fn.num_classes, guidance)
     images, trajectory = sample_batch(
         schedule, denoise_fn, image_keys(seed, indices), image_shape,
-        sampler, ddim_steps, ddim_eta, trajectory_positions, frame_steps, clip_denoised, labels)
+        sampler, ddim_steps, ddim_eta, trajectory_positions, frame_steps, clip_denoised, labels,
+        objective)
     images = jax.lax.with_sharding_constraint(images, parallel.batch_sharded(mesh))
     if trajectory is not None:
         trajectory = jax.lax.with_sharding_constraint(trajectory, parallel.replicated(mesh))
@@ -197,7 +199,7 @@ def _sample_chunk(params, schedule, seed, indices, trajectory_positions, ddim_et
 
 _sample_chunk_jit = jax.jit(_sample_chunk, static_argnames=(
     "apply_fn", "image_shape", "sampler", "ddim_steps", "frame_steps", "mesh",
-    "clip_denoised"))
+    "clip_denoised", "objective"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +312,7 @@ def _check_labels(labels, num_images: int, num_classes: int) -> Optional[np.ndar
 def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
              image_shape: Sequence[int], num_images: int, *, seed: int = 0,
              sampler: str = "ddpm", ddim_steps: int = 50, ddim_eta: float = 0.0,
-             clip_denoised: bool = False,
+             clip_denoised: bool = False, objective: str = "eps",
              trajectory_indices: Sequence[int] = (), trajectory_frames: Optional[int] = None,
              chunk_size: Optional[int] = None,
              mesh: Optional[Mesh] = None,
@@ -326,6 +328,7 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
       sampler: 'ddpm' (ancestral, all T steps) or 'ddim' (`ddim_steps` steps, `ddim_eta`).
       clip_denoised: step through the predicted x0 clipped to [-1, 1] (the DDPM paper's
         sampler); False: the design's Equation 11.
+      objective: what the network predicts, `config.diffusion.objective` (eps, x0 or v).
       trajectory_indices: images whose steps to keep, e.g. for a GIF.
       trajectory_frames: keep at most this many steps (`trajectory_steps`); None: all.
       chunk_size: most images per compiled call; None: `default_chunk_size`.
@@ -339,6 +342,9 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
     if len(image_shape) != 3:
         raise ValueError(f"image_shape must be (H, W, C), got {image_shape}")
     check_sampler(schedule.num_timesteps, sampler, ddim_steps, ddim_eta)
+    if objective not in diffusion.OBJECTIVES:
+        raise ValueError(f"objective must be one of {list(diffusion.OBJECTIVES)}, got "
+                         f"{objective!r}")
     if not -2**31 <= seed < 2**31:
         raise ValueError(f"seed must fit in int32, got {seed}")
     trajectory_indices = [int(i) for i in trajectory_indices]
@@ -377,7 +383,7 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
 
     static = dict(apply_fn=apply_fn, image_shape=image_shape, sampler=sampler,
                   ddim_steps=ddim_steps if sampler == "ddim" else 0, frame_steps=frame_steps,
-                  mesh=mesh, clip_denoised=bool(clip_denoised))
+                  mesh=mesh, clip_denoised=bool(clip_denoised), objective=objective)
     start_compile = time.perf_counter()
     compiled = _sample_chunk_jit.lower(params, schedule, seed_array, *chunk_inputs(0),
                                        **static).compile()
