@@ -182,8 +182,8 @@ def _check_diffusion(check: _Checker) -> None:
     check.choice("diffusion.loss_type", LOSS_TYPES)
     check.choice("diffusion.loss_weighting", LOSS_WEIGHTINGS)
     check.number("diffusion.min_snr_gamma", minimum=0.0, exclusive_minimum=True)
-    if not (check.choice("diffusion.objective", OBJECTIVES)
-            and check.choice("diffusion.terminal_snr", TERMINAL_SNRS)):
+    objective_ok = check.choice("diffusion.objective", OBJECTIVES)
+    if not check.choice("diffusion.terminal_snr", TERMINAL_SNRS) or not objective_ok:
         return
     if check.get("diffusion.terminal_snr") != "zero":
         return
