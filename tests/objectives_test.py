@@ -128,8 +128,8 @@ def test_weighted_loss_is_the_weighted_mean_of_per_example_losses():
 
 def _as_objective(schedule, objective, eps_fn):
     """The network of `objective` whose outputs imply the same x0 and eps as `eps_fn`."""
-    def denoise(x, t):
-        eps = eps_fn(x, t)
+    def denoise(x, t, *labels):
+        eps = eps_fn(x, t, *labels)
         x0 = diffusion.predict_start_from_noise(schedule, x, t, eps)
         return diffusion.objective_target(schedule, objective, x0, t, eps)
     return denoise
@@ -233,12 +233,7 @@ def test_guidance_on_v_outputs_is_guidance_on_eps():
     labels = jnp.array([1, 2, 0], jnp.int32)
     eps_net = lambda x, t, y: jnp.tanh(x + 0.1 * y.reshape(-1, 1, 1, 1))  # noqa: E731
     guided_eps = diffusion.guided_denoise_fn(eps_net, 3, 2.0)(x, t, labels)
-
-    def v_of(x, t, y):  # the v network that implies eps_net's noise
-        eps = eps_net(x, t, y)
-        x0 = diffusion.predict_start_from_noise(s, x, t, eps)
-        return diffusion.objective_target(s, "v", x0, t, eps)
-    guided_v = diffusion.guided_denoise_fn(v_of, 3, 2.0)(x, t, labels)
+    guided_v = diffusion.guided_denoise_fn(_as_objective(s, "v", eps_net), 3, 2.0)(x, t, labels)
     np.testing.assert_allclose(diffusion.predict_x0_eps(s, "v", x, t, guided_v)[1], guided_eps,
                                atol=2e-5)
 
