@@ -223,7 +223,7 @@ def main(argv):
         num_images, nrow = len(labels), nrow or per_row
     gif_images = min(_GIF_IMAGES.value, num_images) if _GIF.value else 0
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    schedule = schedules.make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
+    schedule = schedules.schedule_from_config(config.diffusion)
     sampler = settings["sampler"]
     steps = len(sampling.sampler_timesteps(schedule, sampler, settings["steps"],
                                            settings["step_spacing"]))
@@ -249,6 +249,7 @@ def main(argv):
     result = sampling.generate(
         sampling.ModelApply(train_state.create_model(config)), params, schedule, image_shape,
         num_images, seed=_SEED.value, **settings,
+        objective=config.diffusion.objective,
         trajectory_indices=range(gif_images), trajectory_frames=_GIF_FRAMES.value,
         chunk_size=_CHUNK_SIZE.value, progress=console.progress_printer("chunk", is_main),
         **conditional)

@@ -41,6 +41,13 @@ def get_config() -> ml_collections.ConfigDict:
         timesteps=200,
         beta_schedule="linear",    # linear | cosine | quadratic | sigmoid
         loss_type="huber",         # l1 | l2 | huber
+        # What t = T means: design (the betas as given: alpha_bar_T = 0.132 here, so training
+        # never reaches the N(0, I) sampling starts from) | scaled (betas x 1000/T, as
+        # lucidrains) | zero (Lin et al.'s zero terminal SNR; needs objective v or x0).
+        terminal_snr="design",
+        objective="eps",           # what the network predicts: eps | x0 | v
+        loss_weighting="none",     # none | min_snr (Hang et al. 2023)
+        min_snr_gamma=5.0,         # min_snr: the SNR clip gamma
     ))
 
     config.model = ml_collections.ConfigDict(dict(

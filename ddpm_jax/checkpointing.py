@@ -42,7 +42,9 @@ LATER_FIELDS = {"model.num_classes": 0, "training.label_dropout": 0.1, "sampling
                 "training.steps_per_call": 1, "data.image_key": "image",
                 "data.train_split": "train", "data.converted_data_dir": "",
                 "sampling.solver_order": 2, "sampling.step_spacing": "time",
-                "sampling.dynamic_threshold": 0.0}
+                "sampling.dynamic_threshold": 0.0, "diffusion.objective": "eps",
+                "diffusion.loss_weighting": "none", "diffusion.min_snr_gamma": 5.0,
+                "diffusion.terminal_snr": "design"}
 # Fields renamed after checkpoints were first written: old name -> new name.
 RENAMED_FIELDS = {"sampling.ddim_steps": "sampling.steps"}
 
@@ -319,7 +321,8 @@ class Checkpointer:
 
 def load_inference_params(workdir: str, use_ema: bool = True, mesh=None
                           ) -> Tuple[ml_collections.ConfigDict, Any, int]:
-    """(config, params, step) of the newest readable checkpoint in `workdir`, for sampling.
+    """(config, params, step) of the newest readable checkpoint in `workdir`, for sampling
+    (the config `upgrade_config`).
 
     The config in today's fields (`upgrade_config`); the EMA parameters unless `use_ema`
     is False, replicated over `mesh` (default: all devices). Unreadable newer checkpoints

@@ -12,9 +12,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 from etils import epath
 
 from ddpm_jax import datasets, evaluation, storage, unet
-from ddpm_jax.diffusion import LOSS_TYPES
+from ddpm_jax.diffusion import LOSS_TYPES, LOSS_WEIGHTINGS, OBJECTIVES
 from ddpm_jax.sampling import check_sampler
-from ddpm_jax.schedules import BETA_SCHEDULES
+from ddpm_jax.schedules import BETA_SCHEDULES, TERMINAL_SNRS
 
 # Label counts of the TFDS datasets the configs use, checked before anything is opened; other
 # datasets' labels are checked when the training split is opened (training.open_train_source).
@@ -29,7 +29,8 @@ FIELDS = {
         "data": ("dataset", "folder", "image_size", "channels", "random_flip",
                  "tfds_data_dir", "manual_dir", "image_key", "train_split",
                  "in_memory_max_bytes", "worker_count", "converted_data_dir"),
-        "diffusion": ("timesteps", "beta_schedule", "loss_type"),
+        "diffusion": ("timesteps", "beta_schedule", "loss_type", "objective", "loss_weighting",
+                      "min_snr_gamma", "terminal_snr"),
         "model": ("dim", "init_dim", "dim_mults", "with_time_emb", "resnet_block_groups",
                   "use_convnext", "convnext_mult", "dropout", "dtype", "num_classes"),
         "optim": ("learning_rate", "warmup_steps", "grad_clip_norm", "b1", "b2", "eps",
@@ -204,6 +205,22 @@ def _check_diffusion(check: _Checker) -> None:
     check.integer("diffusion.timesteps", minimum=1)
     check.choice("diffusion.beta_schedule", BETA_SCHEDULES)
     check.choice("diffusion.loss_type", LOSS_TYPES)
+    check.choice("diffusion.loss_weighting", LOSS_WEIGHTINGS)
+    check.number("diffusion.min_snr_gamma", minimum=0.0, exclusive_minimum=True)
+    objective_ok = check.choice("diffusion.objective", OBJECTIVES)
+    if not check.choice("diffusion.terminal_snr", TERMINAL_SNRS) or not objective_ok:
+        return
+    if check.get("diffusion.terminal_snr") != "zero":
+        return
+    if check.get("diffusion.objective") == "eps":
+        # eps -> x0 divides by sqrt(alpha_bar_T) = 0: the eps network cannot be sampled.
+        check.error("diffusion.terminal_snr", "needs config.diffusion.objective 'v' or 'x0' "
+                                              "(it is 'eps', undefined at SNR 0); set one of "
+                                              "them, or terminal_snr 'design' or 'scaled'")
+    timesteps = check.get("diffusion.timesteps")
+    if isinstance(timesteps, int) and timesteps < 2:
+        check.error("diffusion.terminal_snr", "needs config.diffusion.timesteps >= 2 (the "
+                                              "rescale keeps the first alpha_bar)")
 
 
 def _is_int_sequence(value: Any) -> bool:

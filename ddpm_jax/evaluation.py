@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from ddpm_jax import (classifier, conditional_eval, fid, inception, input_pipeline, likelihood,
                       parallel, sampling, train_state)
-from ddpm_jax.schedules import DiffusionSchedule, make_schedule
+from ddpm_jax.schedules import DiffusionSchedule, schedule_from_config
 
 log = logging.getLogger(__name__)
 
@@ -76,27 +76,30 @@ def validate_config(eval_config) -> None:
 # --- Bits per dimension ---------------------------------------------------------------------
 
 def per_image_bpd(schedule: DiffusionSchedule, apply_fn: sampling.ApplyFn, params, images,
-                  indices, key) -> Dict[str, jnp.ndarray]:
-    """The bound of each image [B] with its own key `fold_in(key, index)`, in bits/dim.
+                  indices, key, objective: str = "eps") -> Dict[str, jnp.ndarray]:
+    """The bound of each image [B] with its own key `fold_in(key, index)`, in bits/dim, of a
+    network trained on `objective`.
 
     Returns `total_bpd`, `prior_bpd`, `decoder_bpd` (L_0) and `kl_bpd` (the
     T-1 KL terms summed), each [B]; total = prior + decoder + kl.
     """
     def one(image, index):
         out = likelihood.calc_bpd_loop(schedule, lambda x, t: apply_fn(params, x, t),
-                                       image[None], jax.random.fold_in(key, index))
+                                       image[None], jax.random.fold_in(key, index), objective)
         terms = out["terms_bpd"][0]
         return {"total_bpd": out["total_bpd"][0], "prior_bpd": out["prior_bpd"][0],
                 "decoder_bpd": terms[0], "kl_bpd": jnp.sum(terms[1:])}
     return jax.vmap(one)(images, indices)
 
 
-def _per_image_bpd_sharded(schedule, params, images, indices, key, *, apply_fn, mesh):
-    out = per_image_bpd(schedule, apply_fn, params, images, indices, key)
+def _per_image_bpd_sharded(schedule, params, images, indices, key, *, apply_fn, mesh,
+                           objective):
+    out = per_image_bpd(schedule, apply_fn, params, images, indices, key, objective)
     return jax.lax.with_sharding_constraint(out, parallel.replicated(mesh))
 
 
-_per_image_bpd_jit = jax.jit(_per_image_bpd_sharded, static_argnames=("apply_fn", "mesh"))
+_per_image_bpd_jit = jax.jit(_per_image_bpd_sharded,
+                             static_argnames=("apply_fn", "mesh", "objective"))
 
 
 def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -106,9 +109,11 @@ def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 def bits_per_dim(apply_fn: sampling.ApplyFn, params, schedule: DiffusionSchedule,
                  images: np.ndarray, *, mesh: Mesh, seed: int = 0, batch_size: int = 64,
+                 objective: str = "eps",
                  progress: Optional[Callable[[sampling.Progress], None]] = None
                  ) -> Dict[str, np.ndarray]:
-    """Per-image bound terms (numpy [N] each, see `per_image_bpd`) of images [N, H, W, C].
+    """Per-image bound terms (numpy [N] each, see `per_image_bpd`) of images [N, H, W, C],
+    for a network trained on `objective`.
 
     The images go in fixed batches of min(batch_size, N) rounded up to a
     multiple of the device count (one compilation); the last batch is padded
@@ -127,7 +132,7 @@ def bits_per_dim(apply_fn: sampling.ApplyFn, params, schedule: DiffusionSchedule
         padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])
         out = _per_image_bpd_jit(schedule, params, _global_array(padded, sharded),
                                  _global_array(indices, sharded), key,
-                                 apply_fn=apply_fn, mesh=mesh)
+                                 apply_fn=apply_fn, mesh=mesh, objective=objective)
         chunks.append({k: np.asarray(v)[:len(chunk)] for k, v in out.items()})
         if progress is not None:
             progress(sampling.Progress(len(chunks), math.ceil(len(images) / batch),
@@ -242,7 +247,7 @@ class Evaluator:
         self.config, self.mesh, self.log = config, mesh, log_fn
         self.bpd_enabled = e.bpd_every > 0 if with_bpd is None else with_bpd
         self.fid_enabled = e.fid_every > 0 if with_sample_quality is None else with_sample_quality
-        self.schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
+        self.schedule = schedule_from_config(config.diffusion)
         self.apply_fn = sampling.ModelApply(train_state.create_model(config))
         self.num_classes = train_state.num_classes(config)
         self.class_scorer = None  # a conditional model's per-class scores
@@ -274,7 +279,7 @@ class Evaluator:
         e = self.config.eval
         per_image = bits_per_dim(self.apply_fn, params, self.schedule, self.bpd_images,
                                  mesh=self.mesh, seed=e.seed, batch_size=e.bpd_batch_size,
-                                 progress=progress)
+                                 objective=self.config.diffusion.objective, progress=progress)
         return summarize_bpd(per_image)
 
     def sample_quality(self, params, num_samples: Optional[int] = None,
@@ -292,7 +297,8 @@ class Evaluator:
         result = sampling.generate(
             self.apply_fn, params, self.schedule,
             (c.data.image_size, c.data.image_size, c.data.channels), n, seed=c.eval.seed,
-            mesh=self.mesh, progress=progress, **sampling.settings(c.sampling), **conditional)
+            objective=c.diffusion.objective, mesh=self.mesh, progress=progress,
+            **sampling.settings(c.sampling), **conditional)
         samples = quantize(result.images)
         for scorer in self.scorers:
             scores.update(scorer(samples))

@@ -3,7 +3,9 @@
 L = L_T + sum_{t>1} L_{t-1} + L_0: the prior term, closed-form Gaussian KL
 terms, and a discretized Gaussian decoder for 8-bit data scaled to [-1, 1].
 The reverse variance is the design's fixed posterior variance (the one
-`p_sample` uses), with its log clipped at t = 0 as in DDPM.
+`p_sample` uses), with its log clipped at t = 0 as in DDPM. The reverse mean is
+the posterior mean at the x0 the network implies (`predict_x0_eps`), so the
+bound serves networks of every objective.
 """
 from typing import Dict
 
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import log_ndtr, ndtr
 
-from ddpm_jax.diffusion import DenoiseFn, predict_start_from_noise, q_posterior, q_sample
+from ddpm_jax.diffusion import DenoiseFn, predict_x0_eps, q_posterior, q_sample
 from ddpm_jax.schedules import DiffusionSchedule
 
 _LOG2 = np.log(2.0)
@@ -55,11 +57,13 @@ def prior_bpd(schedule: DiffusionSchedule, x_start):
     return _mean_over_pixels(normal_kl(mean, logvar, 0.0, 0.0)) / _LOG2
 
 
-def vb_term_bpd(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x_start, t, noise):
-    """L_{t} for int timesteps t [B] in bits/dim: the decoder NLL where t == 0, else the KL."""
+def vb_term_bpd(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x_start, t, noise,
+                objective: str = "eps"):
+    """L_{t} for int timesteps t [B] in bits/dim: the decoder NLL where t == 0, else the KL;
+    `denoise_fn` was trained on `objective`."""
     x_t = q_sample(schedule, x_start, t, noise)
     true_mean, _, true_logvar = q_posterior(schedule, x_start, x_t, t)
-    x_start_pred = predict_start_from_noise(schedule, x_t, t, denoise_fn(x_t, t))
+    x_start_pred = predict_x0_eps(schedule, objective, x_t, t, denoise_fn(x_t, t))[0]
     model_mean, _, model_logvar = q_posterior(schedule, x_start_pred, x_t, t)
     kl = _mean_over_pixels(normal_kl(true_mean, true_logvar, model_mean, model_logvar)) / _LOG2
     decoder_nll = -_mean_over_pixels(
@@ -67,8 +71,8 @@ def vb_term_bpd(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x_start, t, 
     return jnp.where(t == 0, decoder_nll, kl)
 
 
-def calc_bpd_loop(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x_start, key
-                  ) -> Dict[str, jnp.ndarray]:
+def calc_bpd_loop(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x_start, key,
+                  objective: str = "eps") -> Dict[str, jnp.ndarray]:
     """The whole variational bound of each image, every t, as the DDPM paper computes it.
 
     Returns per-image arrays: `total_bpd` [B], `prior_bpd` [B] and
@@ -79,7 +83,7 @@ def calc_bpd_loop(schedule: DiffusionSchedule, denoise_fn: DenoiseFn, x_start, k
     def term(_, t):
         noise = jax.random.normal(jax.random.fold_in(key, t), x_start.shape, x_start.dtype)
         return None, vb_term_bpd(schedule, denoise_fn, x_start,
-                                 jnp.full((batch,), t, jnp.int32), noise)
+                                 jnp.full((batch,), t, jnp.int32), noise, objective)
 
     _, terms = jax.lax.scan(term, None, jnp.arange(schedule.num_timesteps, dtype=jnp.int32))
     terms = terms.T

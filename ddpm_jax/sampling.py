@@ -163,16 +163,13 @@ def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, k
     `frame_steps` (default all; see `trajectory_steps`), [F, K, H, W, C],
     keeping nothing of the other images and steps; else None. clip_denoised: step
     through the predicted x0 clipped to [-1, 1] (`diffusion.p_sample`, `ddim_step`).
+    Every sampler reads the network's output as `objective` (`diffusion.predict_x0_eps`).
 
     sampler 'dpmpp' is DPM-Solver++ (`dpm_solver`) of `solver_order` over `steps` network
     calls spaced by `step_spacing`, deterministic given x_T; `dynamic_threshold` > 0 replaces
-    its x0 clipping by Imagen's thresholding at that quantile; it reads the network's output
-    as `objective` (`diffusion.predict_x0_eps`). timesteps: the network calls' timesteps,
+    its x0 clipping by Imagen's thresholding at that quantile. timesteps: the network calls' timesteps,
     default `sampler_timesteps` (pass them when the schedule is traced).
     """
-    if objective != "eps" and sampler != "dpmpp":
-        raise ValueError(f"objective {objective!r} needs sampler 'dpmpp'; ddpm and ddim read "
-                         f"the network's output as the noise")
     split = jax.vmap(jax.random.split)(keys)
     init_keys, loop_keys = split[:, 0], split[:, 1]
     # One [1, H, W, C] image per key, as the foundation's loops draw it.
@@ -186,12 +183,12 @@ def sample_batch(schedule: DiffusionSchedule, denoise_fn: diffusion.DenoiseFn, k
         def update(denoise, x_one, history, i, t, t_prev, key):
             del i, t_prev
             return diffusion.p_sample(schedule, denoise, x_one, jnp.full((1,), t, jnp.int32),
-                                      key, clip_denoised), history
+                                      key, clip_denoised, objective), history
     elif sampler == "ddim":
         def update(denoise, x_one, history, i, t, t_prev, key):
             del i
             return diffusion.ddim_step(schedule, denoise, x_one, t, t_prev, ddim_eta, key,
-                                       clip_denoised), history
+                                       clip_denoised, objective), history
     else:
         alpha, sigma, lam = dpm_solver.grid_constants(schedule, ts)
         step_orders = jnp.asarray(dpm_solver.orders(len(ts), solver_order))
@@ -420,6 +417,9 @@ def generate(apply_fn: ApplyFn, params, schedule: DiffusionSchedule,
     steps = next((s for s in (steps, ddim_steps) if s is not None), 50)
     check_sampler(schedule.num_timesteps, sampler, steps, ddim_eta, solver_order, step_spacing,
                   dynamic_threshold)
+    if objective not in diffusion.OBJECTIVES:
+        raise ValueError(f"objective must be one of {list(diffusion.OBJECTIVES)}, got "
+                         f"{objective!r}")
     if not -2**31 <= seed < 2**31:
         raise ValueError(f"seed must fit in int32, got {seed}")
     trajectory_indices = [int(i) for i in trajectory_indices]

@@ -32,7 +32,7 @@ from ddpm_jax import (checkpointing, config_validation, datasets, diffusion, emb
                       evaluation, images, input_pipeline, parallel, preemption, sampling,
                       streaming)
 from ddpm_jax.metrics_writer import SAMPLES_SUBDIR, ConsoleReporter, MetricsWriter
-from ddpm_jax.schedules import DiffusionSchedule, make_schedule
+from ddpm_jax.schedules import DiffusionSchedule, schedule_from_config
 from ddpm_jax.train_state import (TrainState, create_model, create_train_state, ema_decay_at,
                                   learning_rate_schedule, make_optimizer, num_classes)
 
@@ -84,8 +84,9 @@ def train_step(state: TrainState, x_start: jax.Array, labels: Optional[jax.Array
         def denoise(x, timesteps):
             return model.apply({"params": params}, x, timesteps, labels, train=True,
                                rngs={"dropout": dropout_key})
-        return diffusion.p_losses(schedule, denoise, x_start, t, noise,
-                                  config.diffusion.loss_type)
+        d = config.diffusion
+        return diffusion.p_losses(schedule, denoise, x_start, t, noise, d.loss_type,
+                                  d.objective, d.loss_weighting, d.min_snr_gamma)
 
     loss, grads = jax.value_and_grad(loss_of)(state.params)
     grad_norm = optax.tree.norm(grads)
@@ -359,7 +360,8 @@ class _Loop:
             sampling.ModelApply(self.model), state.ema_params, self.schedule,
             (c.data.image_size, c.data.image_size, c.data.channels),
             c.training.num_sample_images if labels is None else len(labels), seed=c.seed,
-            mesh=self.mesh, **sampling.settings(c.sampling), **conditional)
+            objective=c.diffusion.objective, mesh=self.mesh, **sampling.settings(c.sampling),
+            **conditional)
         if jax.process_index() == 0:
             nrow = (math.ceil(math.sqrt(len(result.images))) if labels is None
                     else len(labels) // self.model.num_classes)
@@ -411,7 +413,11 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
     mesh = parallel.make_mesh()
     replicated = parallel.replicated(mesh)
     model, optimizer = create_model(config), make_optimizer(config)
-    schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
+    schedule = schedule_from_config(config.diffusion)
+    d = config.diffusion
+    log.info("Schedule %s, T=%d, terminal_snr %s: alpha_bar_T = %.3g; objective %s, loss "
+             "weighting %s", d.beta_schedule, d.timesteps, d.terminal_snr,
+             float(schedule.alphas_cumprod[-1]), d.objective, d.loss_weighting)
 
     source = open_train_source(config)  # before touching the workdir: data errors come first
     total_steps = num_train_steps(config, len(source))

@@ -31,13 +31,13 @@ def _draws(low, high, batch=T, seed=0):
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "cosine"])
-def test_p_mean_clipped_is_equation_11_where_x0_stays_in_range(beta_schedule):
+def test_p_mean_x0_clipped_is_equation_11_where_x0_stays_in_range(beta_schedule):
     """The posterior mean at x0(eps) is Equation 11 algebraically, at every t."""
     schedule = schedules.make_schedule(beta_schedule, T)
     x_start, noise = _draws(-0.9, 0.9)
     t = np.arange(T, dtype=np.int32)
     x_t = _x_t(schedule, x_start, t, noise)
-    clipped = diffusion.p_mean_clipped(schedule, x_t, t, noise)
+    clipped = diffusion.p_mean_x0(schedule, x_t, t, noise, clip_denoised=True)
     eq11 = diffusion.p_mean(schedule, x_t, t, noise)
     np.testing.assert_allclose(clipped, eq11, atol=2e-5)
 

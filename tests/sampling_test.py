@@ -159,7 +159,7 @@ def test_plan_chunks_wastes_less_than_a_device_per_chunk():
      r"'logsnr'\], got 'karras'"),
     (dict(sampler="dpmpp", dynamic_threshold=1.5), r"dynamic_threshold must be in \[0, 1\]"),
     (dict(sampler="ddim", dynamic_threshold=0.9), r"applies to sampler 'dpmpp' only"),
-    (dict(sampler="ddim", objective="v"), r"objective 'v' needs sampler 'dpmpp'"),
+    (dict(objective="noise"), r"objective must be one of"),
     (dict(sampler="ddim", ddim_eta=-0.1), r"ddim_eta must be >= 0"),
     (dict(trajectory_indices=[3]), r"trajectory_indices must be in \[0, num_images=3\)"),
     (dict(chunk_size=0), r"chunk_size must be >= 1"),
