@@ -117,7 +117,7 @@ def _guidances(evaluator):
                                  "unconditional (config.model.num_classes=0)")
         return []
     if not FLAGS.guidance:
-        return [evaluator.config.sampling.get("guidance", 0.0)]
+        return [evaluator.config.sampling.guidance]
     try:
         return conditional_eval.parse_guidance(FLAGS.guidance)
     except ValueError as e:

@@ -131,7 +131,7 @@ def _load_torch():
 
 def _check_request(config) -> None:
     """Exit with the flag's name if the request cannot be served by this model."""
-    from ddpm_jax import sampling, train_state
+    from ddpm_jax import sampling
     if _IMAGE_SIZE.value is not None and _IMAGE_SIZE.value != config.data.image_size:
         _fail(f"--image_size={_IMAGE_SIZE.value}, but the model was trained on "
               f"{config.data.image_size}x{config.data.image_size} images "
@@ -144,7 +144,7 @@ def _check_request(config) -> None:
         if value is not None and value < minimum:
             _fail(f"--{name} must be >= {minimum}, got {value}")
     conditional_flags = _CLASS_LABEL.value or _GUIDANCE.value is not None
-    if not train_state.num_classes(config) and conditional_flags:
+    if not config.model.num_classes and conditional_flags:
         _fail("--class_label and --guidance need a class-conditional model; this one is "
               "unconditional (config.model.num_classes=0)")
     try:
@@ -210,14 +210,14 @@ def main(argv):
     training.configure_compilation_cache(config)
     settings = _sampler_settings(config)
     num_images, nrow, conditional = _NUM_IMAGES.value, _NROW.value, {}
-    num_classes = train_state.num_classes(config)
+    num_classes = config.model.num_classes
     if num_classes:
         try:
             labels, per_row = sampling.class_labels(_CLASS_LABEL.value or "all", num_classes,
                                                     num_images)
         except ValueError as e:
             _fail(f"--class_label: {e}")
-        guidance = (config.sampling.get("guidance", 0.0) if _GUIDANCE.value is None
+        guidance = (config.sampling.guidance if _GUIDANCE.value is None
                     else _GUIDANCE.value)
         conditional = dict(labels=labels, guidance=guidance)
         num_images, nrow = len(labels), nrow or per_row

@@ -41,6 +41,7 @@ LATER_FIELDS = {"model.num_classes": 0, "training.label_dropout": 0.1, "sampling
                 "optim.ema_warmup": False, "optim.ema_start": 0, "sampling.clip_denoised": False,
                 "training.steps_per_call": 1, "data.image_key": "image",
                 "data.train_split": "train", "data.converted_data_dir": "",
+                "data.in_memory_max_bytes": 1 << 30, "data.worker_count": 2,
                 "sampling.solver_order": 2, "sampling.step_spacing": "time",
                 "sampling.dynamic_threshold": 0.0, "diffusion.objective": "eps",
                 "diffusion.loss_weighting": "none", "diffusion.min_snr_gamma": 5.0,
@@ -101,9 +102,10 @@ def upgrade_config(stored: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def config_differences(stored: Dict[str, Any], config) -> Tuple[List[str], List[str]]:
-    """(identity differences, other differences) between a stored config and `config`,
-    each as 'config.field: checkpoint X, now Y'."""
-    old, new = _flatten(_json_ready(upgrade_config(stored))), _flatten(_json_ready(config))
+    """(identity differences, other differences) between a stored config (in today's fields,
+    `upgrade_config`, as `Checkpointer` reads it) and `config`, each as
+    'config.field: checkpoint X, now Y'."""
+    old, new = _flatten(_json_ready(stored)), _flatten(_json_ready(config))
     identity, other = [], []
     for key in sorted(set(old) | set(new)):
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
@@ -278,6 +280,7 @@ class Checkpointer:
             return f"its metadata cannot be read ({_short(e)})", None
         if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
             return "its metadata holds no config", None
+        meta["config"] = upgrade_config(meta["config"])  # the one place a stored config enters
         return None, meta
 
     def _check_config(self, step: int, stored: Dict[str, Any], config,
@@ -321,8 +324,7 @@ class Checkpointer:
 
 def load_inference_params(workdir: str, use_ema: bool = True, mesh=None
                           ) -> Tuple[ml_collections.ConfigDict, Any, int]:
-    """(config, params, step) of the newest readable checkpoint in `workdir`, for sampling
-    (the config `upgrade_config`).
+    """(config, params, step) of the newest readable checkpoint in `workdir`, for sampling.
 
     The config in today's fields (`upgrade_config`); the EMA parameters unless `use_ema`
     is False, replicated over `mesh` (default: all devices). Unreadable newer checkpoints
@@ -346,7 +348,7 @@ def load_inference_params(workdir: str, use_ema: bool = True, mesh=None
     if restored is None:
         raise CheckpointError(f"no checkpoint in {workdir_path / CHECKPOINT_SUBDIR}")
     state, step, stored_config = restored
-    return (ml_collections.ConfigDict(upgrade_config(stored_config)),
+    return (ml_collections.ConfigDict(stored_config),
             state.ema_params if use_ema else state.params, step)
 
 

@@ -249,7 +249,7 @@ class Evaluator:
         self.fid_enabled = e.fid_every > 0 if with_sample_quality is None else with_sample_quality
         self.schedule = schedule_from_config(config.diffusion)
         self.apply_fn = sampling.ModelApply(train_state.create_model(config))
-        self.num_classes = train_state.num_classes(config)
+        self.num_classes = config.model.num_classes
         self.class_scorer = None  # a conditional model's per-class scores
         self.bpd_images = (load_split_images(config, e.split, e.bpd_num_images)
                            if self.bpd_enabled else None)
@@ -290,7 +290,7 @@ class Evaluator:
         n = c.eval.fid_num_samples if num_samples is None else num_samples
         scores, conditional = {"fid_num_samples": n}, {}
         if self.num_classes:
-            guidance = c.sampling.get("guidance", 0.0) if guidance is None else guidance
+            guidance = c.sampling.guidance if guidance is None else guidance
             conditional = dict(labels=conditional_eval.balanced_labels(n, self.num_classes),
                                guidance=guidance)
             scores["guidance"] = guidance

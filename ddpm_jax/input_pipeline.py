@@ -134,16 +134,14 @@ def open_source(dataset: str, split: str = "train", *, image_size: int, channels
 
 def open_config_source(data, split: str, split_field: str, folder_labels: bool = False
                        ) -> Source:
-    """`open_source` of `split` of the dataset that config.data (`data`) describes (the
-    config of a checkpoint written before image_key, in_memory_max_bytes and
-    converted_data_dir existed too)."""
+    """`open_source` of `split` of the dataset that config.data (`data`) describes."""
     return open_source(
         data.dataset, split, image_size=data.image_size, channels=data.channels,
         data_dir=data.tfds_data_dir or None, manual_dir=data.manual_dir or None,
-        folder=data.folder or None, image_key=data.get("image_key", "image"),
-        in_memory_max_bytes=data.get("in_memory_max_bytes", IN_MEMORY_MAX_BYTES),
+        folder=data.folder or None, image_key=data.image_key,
+        in_memory_max_bytes=data.in_memory_max_bytes,
         split_field=split_field, folder_labels=folder_labels,
-        converted_data_dir=data.get("converted_data_dir", "") or None)
+        converted_data_dir=data.converted_data_dir or None)
 
 
 def has_labels(source: Source) -> bool:

@@ -93,17 +93,11 @@ def check_sampler(num_timesteps: int, sampler: str, steps: int, ddim_eta: float,
                          f"set it to 0")
 
 
-def clip_denoised_setting(sampling_config) -> bool:
-    """`config.sampling.clip_denoised`; False (the design's sampler, which they used) for
-    configs stored in checkpoints written before the field existed."""
-    return bool(sampling_config.get("clip_denoised", False))
-
-
 def settings(sampling_config) -> Dict[str, Any]:
     """`generate`'s sampler arguments from a config's `sampling` section."""
     c = sampling_config
     return dict(sampler=c.sampler, steps=c.steps, ddim_eta=c.ddim_eta,
-                clip_denoised=clip_denoised_setting(c), solver_order=c.solver_order,
+                clip_denoised=c.clip_denoised, solver_order=c.solver_order,
                 step_spacing=c.step_spacing, dynamic_threshold=c.dynamic_threshold)
 
 

@@ -41,12 +41,7 @@ def create_model(config) -> Unet:
                 channels=config.data.channels, with_time_emb=m.with_time_emb,
                 resnet_block_groups=m.resnet_block_groups, use_convnext=m.use_convnext,
                 convnext_mult=m.convnext_mult, dropout=m.dropout, dtype=DTYPES[m.dtype],
-                num_classes=num_classes(config))
-
-
-def num_classes(config) -> int:
-    """config.model.num_classes; 0 (unconditional) for checkpoints older than the field."""
-    return config.model.get("num_classes", 0)
+                num_classes=m.num_classes)
 
 
 def learning_rate_schedule(config) -> optax.Schedule:

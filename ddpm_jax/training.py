@@ -34,7 +34,7 @@ from ddpm_jax import (checkpointing, config_validation, datasets, diffusion, emb
 from ddpm_jax.metrics_writer import SAMPLES_SUBDIR, ConsoleReporter, MetricsWriter
 from ddpm_jax.schedules import DiffusionSchedule, schedule_from_config
 from ddpm_jax.train_state import (TrainState, create_model, create_train_state, ema_decay_at,
-                                  learning_rate_schedule, make_optimizer, num_classes)
+                                  learning_rate_schedule, make_optimizer)
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def open_train_source(config) -> input_pipeline.Source:
     """config.data.train_split of the config's dataset (with labels from a folder's class
     subfolders for a conditional model); a dataset, image feature or split that does not
     exist is a ConfigError naming the field."""
-    conditional = num_classes(config) > 0
+    conditional = config.model.num_classes > 0
     try:
         source = input_pipeline.open_config_source(config.data, config.data.train_split,
                                                    "config.data.train_split",
@@ -227,7 +227,7 @@ def open_train_source(config) -> input_pipeline.Source:
         raise config_validation.ConfigError(str(e)) from None
     if conditional and not input_pipeline.has_labels(source):
         raise config_validation.ConfigError(
-            f"config.model.num_classes={num_classes(config)}: dataset "
+            f"config.model.num_classes={config.model.num_classes}: dataset "
             f"{config.data.dataset!r} has no 'label' ClassLabel feature to condition on; "
             f"set 0 for an unconditional model")
     return source
@@ -238,7 +238,7 @@ def default_iterator_factory(config) -> IteratorFactory:
     def make(source, start_step):
         kwargs = dict(random_flip=config.data.random_flip, start_step=start_step,
                       process_index=jax.process_index(), process_count=jax.process_count(),
-                      with_labels=num_classes(config) > 0)
+                      with_labels=config.model.num_classes > 0)
         if isinstance(source, datasets.TfdsSource):
             return streaming.StreamIterator(source, config.training.batch_size, config.seed,
                                             worker_count=config.data.worker_count, **kwargs)

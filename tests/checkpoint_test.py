@@ -1,4 +1,5 @@
 """Checkpoints: round trip, torn and corrupt steps, killed saves, foreign workdirs, inference."""
+import json
 import logging
 import os
 import subprocess
@@ -7,11 +8,12 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from configs import tiny
-from ddpm_jax import checkpointing, parallel, train_state
+from configs import fashion, tiny
+from ddpm_jax import checkpointing, config_validation, parallel, train_state
 from ddpm_jax.checkpointing import (CheckpointError, Checkpointer, ConfigMismatchError,
                                     load_inference_params)
 from tests.train_helpers import REPO
@@ -232,7 +234,32 @@ def test_configs_stored_before_the_sampler_fields_read_as_today():
     upgraded = checkpointing.upgrade_config(stored)
     assert upgraded["sampling"] == tiny.get_config().sampling.to_dict()
     assert "ddim_steps" in stored["sampling"]  # the stored dict itself is left as it was
-    assert checkpointing.config_differences(stored, tiny.get_config()) == ([], [])
+    assert checkpointing.config_differences(upgraded, tiny.get_config()) == ([], [])
     stored["sampling"]["ddim_steps"] = 7
-    assert checkpointing.config_differences(stored, tiny.get_config())[1] == [
+    assert checkpointing.config_differences(checkpointing.upgrade_config(stored),
+                                            tiny.get_config())[1] == [
         "config.sampling.steps: checkpoint 7, now 10"]
+
+
+def _flat(tree, prefix=""):
+    return {key: value for name, sub in tree.items()
+            for key, value in (_flat(sub, f"{prefix}{name}.").items() if isinstance(sub, dict)
+                               else [(prefix + name, sub)])}
+
+
+def test_a_config_of_the_oldest_schema_reads_as_todays_with_its_old_behaviour():
+    """configs/fashion.py as the first checkpoints stored it (git 8742224): upgraded once,
+    where a checkpoint is read, it has exactly today's fields, the later ones at the value
+    its run behaved as, and passes today's checks, so no reader needs a fallback."""
+    oldest = json.loads((REPO / "tests" / "support" / "fashion_config_2026-11-27.json")
+                        .read_text())
+    upgraded = checkpointing.upgrade_config(oldest)
+    today = _flat(fashion.get_config().to_dict())
+    assert set(_flat(upgraded)) == set(today)
+    assert upgraded["sampling"]["steps"] == oldest["sampling"]["ddim_steps"]
+    for field, old_behaviour in checkpointing.LATER_FIELDS.items():
+        section, name = field.split(".")
+        assert upgraded[section][name] == old_behaviour, field
+    assert upgraded["sampling"]["clip_denoised"] is False  # the design's Equation 11
+    assert upgraded["diffusion"]["objective"] == "eps"
+    config_validation.validate_config(ml_collections.ConfigDict(upgraded))

@@ -117,7 +117,3 @@ def test_generate_clipped_is_the_clipped_loop_and_ends_in_range(sampler, steps):
                                           clip_denoised=True)
     np.testing.assert_allclose(clipped[2], np.asarray(loop)[0], atol=1e-5)
 
-
-def test_clip_denoised_setting_of_configs_stored_before_the_field():
-    assert sampling.clip_denoised_setting({"sampler": "ddpm"}) is False
-    assert sampling.clip_denoised_setting({"clip_denoised": True}) is True

@@ -124,7 +124,7 @@ def test_a_checkpoint_from_before_the_warmup_resumes_and_samples(fashion_mnist_d
     checkpointer.save(7, _filled_state(config).replace(step=np.int32(7)), old)
     checkpointer.close()
     stored_config, _, step = checkpointing.load_inference_params(str(tmp_path))
-    assert step == 7 and sampling.clip_denoised_setting(stored_config.sampling) is False
+    assert step == 7 and stored_config.sampling.clip_denoised is False
 
     result = training.train(config, str(tmp_path))
     assert result.status == "completed" and result.step == 9
