@@ -141,6 +141,23 @@ def open_config_source(data, split: str, split_field: str, folder_labels: bool =
         split_field=split_field, folder_labels=folder_labels)
 
 
+def describe(source: Source, data, split: str, num_classes: int = 0) -> str:
+    """One console line on what a run reads from config.data (`data`) and how, for the user
+    to check before the compile: dataset, split, images, their shape, classes, memory or disk."""
+    name = f"folder {data.folder}" if data.dataset == "folder" else data.dataset
+    shape = f"{data.image_size}x{data.image_size}x{data.channels}"
+    classes = f", {num_classes} classes" if num_classes else ""
+    if isinstance(source, datasets.TfdsSource):
+        workers = data.get("worker_count", 0)
+        how = (f"streamed from disk by {workers} Grain worker process(es)" if workers else
+               "streamed from disk by a thread")
+        size = (f"{source.decoded_bytes / 2**30:.1f} GiB decoded > "
+                f"config.data.in_memory_max_bytes")
+    else:
+        how, size = "decoded into memory", f"{source.images.nbytes / 2**20:.0f} MiB"
+    return f"Data: {name} {split!r}, {len(source):,} images as {shape}{classes}; {how} ({size})"
+
+
 def has_labels(source: Source) -> bool:
     """Whether `source.read_labeled` has labels to return (an in-memory or a streamed split)."""
     return (getattr(source, "labels", None) is not None
