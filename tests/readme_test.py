@@ -231,6 +231,9 @@ def user_checkout(tmp_path, fashion_mnist_dirs):
     as the README's `../shared/data/fashion_mnist` expects."""
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("needs a git checkout to copy")
+    assert (fashion_mnist_dirs.manual_dir / "train-images-idx3-ubyte.gz").is_file(), (
+        f"no official Fashion-MNIST files in {fashion_mnist_dirs.manual_dir}: set "
+        f"$DDPM_JAX_MANUAL_DIR")
     shared = tmp_path / "shared" / "data"
     shared.mkdir(parents=True)
     (shared / "fashion_mnist").symlink_to(fashion_mnist_dirs.manual_dir)
