@@ -151,11 +151,16 @@ def describe(source: Source, data, split: str, num_classes: int = 0) -> str:
         workers = data.get("worker_count", 0)
         how = (f"streamed from disk by {workers} Grain worker process(es)" if workers else
                "streamed from disk by a thread")
-        size = (f"{source.decoded_bytes / 2**30:.1f} GiB decoded > "
-                f"config.data.in_memory_max_bytes")
+        limit = data.get("in_memory_max_bytes", IN_MEMORY_MAX_BYTES)
+        size = f"{_size(source.decoded_bytes)} decoded > in_memory_max_bytes {_size(limit)}"
     else:
-        how, size = "decoded into memory", f"{source.images.nbytes / 2**20:.0f} MiB"
+        how, size = "decoded into memory", _size(source.images.nbytes)
     return f"Data: {name} {split!r}, {len(source):,} images as {shape}{classes}; {how} ({size})"
+
+
+def _size(num_bytes: int) -> str:
+    return (f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else
+            f"{num_bytes / 2**20:.0f} MiB")
 
 
 def has_labels(source: Source) -> bool:

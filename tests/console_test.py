@@ -99,11 +99,11 @@ def test_describe_in_memory_and_streamed(fashion_mnist_dirs):
         "Data: fashion_mnist 'train[:1000]', 1,000 images as 28x28x1, 10 classes; "
         "decoded into memory (1 MiB)")
     data.unlock()
-    data.in_memory_max_bytes = 0
+    data.in_memory_max_bytes = 0  # the whole split streamed
     streamed = input_pipeline.open_config_source(data, "train", "split")
     assert input_pipeline.describe(streamed, data, "train") == (
         "Data: fashion_mnist 'train', 60,000 images as 28x28x1; streamed from disk by 2 Grain "
-        "worker process(es) (0.0 GiB decoded > config.data.in_memory_max_bytes)")
+        "worker process(es) (45 MiB decoded > in_memory_max_bytes 0 MiB)")
     data.worker_count = 0
     assert "; streamed from disk by a thread (" in input_pipeline.describe(streamed, data, "train")
 
