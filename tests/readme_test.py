@@ -86,7 +86,7 @@ QUICK_START = [
 ]
 # docs/conditional.md's opening commands, after docs/evaluation.md's classifier command.
 CLASSIFIER = Step("python train_classifier.py --output_dir=classifiers/fashion_mnist",
-                  ("--epochs=1", "--num_train_images=2000", "--min_accuracy=0"),
+                  ("--epochs=1", "--num_train_images=1000", "--min_accuracy=0"),
                   r"saved to classifiers/fashion_mnist", ("classifiers/fashion_mnist",))
 CONDITIONAL = [
     Step("python train.py --config=configs/fashion_cond.py --workdir=runs/fashion_cond", TINY,
@@ -97,7 +97,7 @@ CONDITIONAL = [
     Step("python sample.py --workdir=runs/fashion_cond --class_label=all --num_images=80", (),
          r"classes \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\](.*\n)*Wrote samples\.png", ("samples.png",)),
     Step("python evaluate.py --workdir=runs/fashion_cond --fid_samples=1000 --guidance=0,1,2,4 "
-         "--classifier_dir=classifiers/fashion_mnist", ("--fid_samples=40",),
+         "--classifier_dir=classifiers/fashion_mnist", ("--fid_samples=40", "--fid_reference_images=400"),
          r"step 20, guidance 4: (.*\n)*guidance curve: runs/fashion_cond/eval/guidance_step_20\.png",
          ("runs/fashion_cond/eval/guidance_step_20.png",)),
 ]
