@@ -189,19 +189,27 @@ def _without_venv(command: str) -> str:
     return command[len(VENV_SETUP):] if command.startswith(VENV_SETUP) else command
 
 
-def test_every_documented_command_is_known():
+def unknown_commands(commands: List[Tuple[str, str]]) -> List[str]:
+    """'where: command' of each of `commands` that is neither run nor skipped here."""
     run = {step.command for step in QUICK_START + CONDITIONAL}
-    found = {}
-    for where, command in all_commands():
-        found.setdefault(_without_venv(command), []).append(where)
-        found.setdefault(command, []).append(where)
-    unknown = [f"{where}: {command}" for where, command in all_commands()
-               if _without_venv(command) not in run and command not in SKIPPED]
+    return [f"{where}: {command}" for where, command in commands
+            if _without_venv(command) not in run and command not in SKIPPED]
+
+
+def test_every_documented_command_is_known():
+    commands = all_commands()
+    unknown = unknown_commands(commands)
     assert not unknown, ("commands in the docs that tests/readme_test.py neither runs nor "
                          "skips with a reason (add each to QUICK_START, CONDITIONAL or "
                          "SKIPPED):\n" + "\n".join(unknown))
-    stale = [c for c in sorted(run | set(SKIPPED)) if c not in found]
+    found = {c for _, command in commands for c in (command, _without_venv(command))}
+    known = {step.command for step in QUICK_START + CONDITIONAL} | set(SKIPPED)
+    stale = sorted(known - found)
     assert not stale, "commands no longer in the docs:\n" + "\n".join(stale)
+    # A new or edited command is unknown; the venv prefix alone does not make one.
+    assert unknown_commands([("README.md:99", TRAIN + " --config.seed=1"),
+                             ("README.md:98", VENV_SETUP + TRAIN)]) == [
+        f"README.md:99: {TRAIN} --config.seed=1"]
 
 
 def test_collects_continued_quoted_and_commented_commands(tmp_path, monkeypatch):
