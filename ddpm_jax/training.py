@@ -421,7 +421,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
 
     source = open_train_source(config)  # before touching the workdir: data errors come first
     log.info("%s", input_pipeline.describe(source, config.data, config.data.train_split,
-                                           num_classes(config)))
+                                           config.model.num_classes))
     total_steps = num_train_steps(config, len(source))
     checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints)
     abstract = checkpointing.abstract_train_state(config, replicated)
