@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import cifar10, fashion, mnist, tiny
-from ddpm_jax import checkpointing, input_pipeline, parallel, sampling, train_state, training
+from ddpm_jax import checkpointing, input_pipeline, parallel, train_state, training
 from ddpm_jax.config_validation import ConfigError, validate_config
 from ddpm_jax.schedules import make_schedule
 from tests.train_helpers import enable_compilation_cache, filled_train_state, tiny_config
