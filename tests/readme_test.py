@@ -72,19 +72,19 @@ QUICK_START = [
          "--config.data.tfds_data_dir=/path/to/tfds", TINY, r"Finished training at step 20"),
     Step("python sample.py --workdir=workdir/fashion --num_images=64 --output=samples.png "
          "--gif=diffusion.gif", (),
-         r"Wrote samples\.png \(\d+x\d+ px\), diffusion\.gif \(\d+ frames of 16 images\)",
+         r"Wrote \S*samples\.png \(\d+x\d+ px\), \S*diffusion\.gif \(\d+ frames of 16 images\)",
          ("samples.png", "diffusion.gif")),
     Step("python evaluate.py --workdir=workdir/fashion --bpd_images=1000", ("--bpd_images=16",),
-         r"step 20: bits/dim \d+\.\d+(.*\n)*results: workdir/fashion/eval/step_20\.json",
+         r"step 20: bits/dim \d+\.\d+(.*\n)*results: \S*workdir/fashion/eval/step_20\.json",
          ("workdir/fashion/eval/step_20.json",)),
     Step("python sample.py --workdir=workdir/fashion --num_images=64 --output=samples.png "
          "--gif=diffusion.gif --gif_images=16 --save_npz=samples.npz", (),
-         r"Wrote samples\.png \(.*\), samples\.npz, diffusion\.gif",
+         r"Wrote \S*samples\.png \(.*\), \S*samples\.npz, \S*diffusion\.gif",
          ("samples.npz",)),
     Step("python sample.py --workdir=workdir/fashion --sampler=ddim --steps=50 "
          "--ddim_eta=0.0", (), r"\(ddim, 50 steps, eta 0\.0"),
     Step("python sample.py --workdir=workdir/fashion --sampler=dpmpp --steps=20", (),
-         r"\(dpmpp, 20 steps, order 2, time spacing(.*\n)*Wrote samples\.png"),
+         r"\(dpmpp, 20 steps, order 2, time spacing(.*\n)*Wrote \S*samples\.png"),
     Step("python sample.py --workdir=workdir/fashion --sampler=dpmpp --steps=10 "
          "--step_spacing=logsnr --solver_order=3", (),
          r"\(dpmpp, 10 steps, order 3, logsnr spacing"),
@@ -92,18 +92,19 @@ QUICK_START = [
 # docs/conditional.md's opening commands, after docs/evaluation.md's classifier command.
 CLASSIFIER = Step("python train_classifier.py --output_dir=classifiers/fashion_mnist",
                   ("--epochs=1", "--num_train_images=1000", "--min_accuracy=0"),
-                  r"saved to classifiers/fashion_mnist", ("classifiers/fashion_mnist",))
+                  r"saved to \S*classifiers/fashion_mnist", ("classifiers/fashion_mnist",))
 CONDITIONAL = [
     Step("python train.py --config=configs/fashion_cond.py --workdir=runs/fashion_cond", TINY,
          r"10 classes(.*\n)*Finished training at step 20"),
     Step("python sample.py --workdir=runs/fashion_cond --class_label=3 --guidance=2 "
-         "--output=dresses.png", (), r"classes \[3\], guidance 2\.0(.*\n)*Wrote dresses\.png",
+         "--output=dresses.png", (), r"classes \[3\], guidance 2\.0(.*\n)*Wrote \S*dresses\.png",
          ("dresses.png",)),
     Step("python sample.py --workdir=runs/fashion_cond --class_label=all --num_images=80", (),
-         r"classes \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\](.*\n)*Wrote samples\.png", ("samples.png",)),
+         r"classes \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\](.*\n)*Wrote \S*samples\.png", ("samples.png",)),
     Step("python evaluate.py --workdir=runs/fashion_cond --fid_samples=1000 --guidance=0,1,2,4 "
          "--classifier_dir=classifiers/fashion_mnist", ("--fid_samples=40", "--fid_reference_images=400"),
-         r"step 20, guidance 4: (.*\n)*guidance curve: runs/fashion_cond/eval/guidance_step_20\.png",
+         r"step 20, guidance 4: (.*\n)*guidance curve: "
+         r"\S*runs/fashion_cond/eval/guidance_step_20\.png",
          ("runs/fashion_cond/eval/guidance_step_20.png",)),
 ]
 CLOUD = "needs Google Cloud (gcloud, a bucket, a TPU VM); gs:// paths are tested against a " \
