@@ -103,7 +103,7 @@ def _eval_config(config):
         config.sampling.steps = FLAGS.ddim_steps
     config_validation.resolve_paths(config)  # a stored relative path means the same here
     try:
-        sampling.check_settings(config.diffusion.timesteps, sampling.settings(config.sampling))
+        sampling.check_settings(config.diffusion.timesteps, sampling.settings(config))
     except ValueError as e:
         raise app.UsageError(f"--{e}") from None
     return config

@@ -76,7 +76,7 @@ def main(argv):
         for name, path in {"workdir": _WORKDIR.value,
                            **{f"config.{k}": v for k, v in resolved.items()}}.items():
             print(f"{name}: {path}", flush=True)
-    training.configure_compilation_cache(config)
+    parallel.configure_compilation_cache(config)
     try:
         with preemption.stop_on_signals() as stop:
             result = training.train(config, _WORKDIR.value, stop_event=stop,

@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import flops  # noqa: E402  (bench/, on sys.path as this script's directory)
-from ddpm_jax import diffusion, parallel, train_state  # noqa: E402
+from ddpm_jax import diffusion, parallel, train_state, unet  # noqa: E402
 from report import markdown_table  # noqa: E402
 from ddpm_jax.training import make_train_step  # noqa: E402
 from ddpm_jax.schedules import make_schedule  # noqa: E402
@@ -127,7 +127,7 @@ class JaxTrainer:
         self.config, self._make_train_step, self.k = config, make_train_step, steps_per_call
         self._forward_flops = None
         self.mesh = parallel.make_mesh(jax.devices()[:1])
-        self.model = train_state.create_model(config)
+        self.model = unet.create_model(config)
         self.optimizer = train_state.make_optimizer(config)
         self.schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
         self._init = jax.jit(

@@ -65,8 +65,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import serialization  # noqa: E402
 
-from ddpm_jax import (config_validation, convert, evaluation, images, input_pipeline,  # noqa: E402
-                      parallel, sampling, train_state, training)
+from ddpm_jax import (config_validation, evaluation, images, input_pipeline,  # noqa: E402
+                      parallel, sampling, torch_weights, train_state, training, unet)
 from ddpm_jax.schedules import make_schedule  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -178,7 +178,7 @@ class Network:
 
     def __init__(self, name: str, config, params0, mesh):
         self.name, self.config, self.mesh = name, config, mesh
-        self.model = train_state.create_model(config)
+        self.model = unet.create_model(config)
         self.optimizer = train_state.make_optimizer(config)
         self.schedule = schedule_of(config)
         self.apply_fn = sampling.ModelApply(self.model)
@@ -256,7 +256,7 @@ def run(args) -> dict:
         args.variants if name == REFERENCE_RECIPE else args.recipe_variants)}
         for name in configs}
     eval_kwargs = parse_variant(f"raw-{args.eval_sampler}").sampler
-    training.configure_compilation_cache(base)
+    parallel.configure_compilation_cache(base)
     mesh = parallel.make_mesh()
     image_shape = (base.data.image_size,) * 2 + (base.data.channels,)
     data = (quality_data.NpzData(args.data_npz, image_shape) if args.data_npz
@@ -276,8 +276,8 @@ def run(args) -> dict:
 
     # Every network and the PyTorch design start from the design's initialisation.
     design = Design(base, args.seed, args.torch_threads)
-    params0 = convert.torch_to_flax(design.state_dict(),
-                                    convert.abstract_params(train_state.create_model(base)))
+    params0 = torch_weights.torch_to_flax(
+        design.state_dict(), torch_weights.abstract_params(unet.create_model(base)))
     networks = {name: Network(name, c, params0, mesh) for name, c in configs.items()}
     for name, net in networks.items():
         results["recipes"][name] = {"overrides": RECIPES[name], "objective": net.objective,
@@ -300,8 +300,8 @@ def run(args) -> dict:
 
     def params_of(net, kind):
         if kind == "designnet":
-            return jax.device_put(convert.torch_to_flax(
-                design.state_dict(), convert.abstract_params(net.model)),
+            return jax.device_put(torch_weights.torch_to_flax(
+                design.state_dict(), torch_weights.abstract_params(net.model)),
                 parallel.replicated(mesh))
         return {"raw": net.state.params, "ema": net.state.ema_params, "emaold": emaold}[kind]
 

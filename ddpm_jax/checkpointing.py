@@ -27,7 +27,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ddpm_jax import parallel, storage, train_state
+from ddpm_jax import parallel, storage, train_state, unet
 
 CHECKPOINT_SUBDIR = "checkpoints"
 UNREADABLE_SUBDIR = "checkpoints_unreadable"
@@ -354,7 +354,7 @@ def load_inference_params(workdir: str, use_ema: bool = True, mesh=None
 
 def abstract_train_state(config, sharding) -> Any:
     """The TrainState's shapes and dtypes for `config`, each with `sharding`, computing nothing."""
-    model = train_state.create_model(config)
+    model = unet.create_model(config)
     optimizer = train_state.make_optimizer(config)
     shapes = jax.eval_shape(lambda key: train_state.create_train_state(
         config, model, optimizer, key), jax.random.key(0))

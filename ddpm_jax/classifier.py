@@ -22,7 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from ddpm_jax import storage
+from ddpm_jax import parallel, storage
 
 Params = Any
 
@@ -116,15 +116,8 @@ def make_apply_fn(model: Classifier) -> ApplyFn:
 def predict(apply_fn: ApplyFn, params: Params, images: np.ndarray, batch_size: int = 1000
             ) -> Tuple[np.ndarray, np.ndarray]:
     """Logits and penultimate features of all images, in fixed-size batches (one compile)."""
-    logits, features = [], []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        padded = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        out_logits, out_features = jax.device_get(apply_fn(params, padded))
-        logits.append(out_logits[:len(chunk)])
-        features.append(out_features[:len(chunk)])
-    return np.concatenate(logits), np.concatenate(features)
+    return tuple(parallel.map_batches(lambda batch: apply_fn(params, batch), [images],
+                                      batch_size))
 
 
 def accuracy(apply_fn: ApplyFn, params: Params, images: np.ndarray, labels: np.ndarray) -> float:

@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from etils import epath
 
-from ddpm_jax import datasets, evaluation, storage, unet
+from ddpm_jax import datasets, evaluation, storage, unet_checks
 from ddpm_jax.diffusion import LOSS_TYPES, LOSS_WEIGHTINGS, OBJECTIVES
 from ddpm_jax.sampling import check_sampler
 from ddpm_jax.schedules import BETA_SCHEDULES, TERMINAL_SNRS
@@ -249,7 +249,7 @@ def _check_model(check: _Checker) -> None:
         return
     model = check.get("model")
     try:
-        unet.validate_unet_config(
+        unet_checks.validate_unet_config(
             image_size, dim=model.dim, dim_mults=tuple(model.dim_mults), init_dim=model.init_dim,
             with_time_emb=model.with_time_emb, resnet_block_groups=model.resnet_block_groups,
             use_convnext=model.use_convnext, dropout=model.dropout,

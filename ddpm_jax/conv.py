@@ -2,7 +2,8 @@
 (same products, other summation order): the UNet's depthwise 7x7 convolution
 (`lax.conv_general_dilated` with `feature_group_count=C`; also used on GPU), its
 stride-2 4x4 transposed convolution (Upsample) and the gradient of its stride-2 4x4
-convolution (Downsample). docs/speed.md has the measurements.
+convolution (Downsample). docs/speed.md has the measurements. `upsample`,
+`downsample` and `depthwise` pick each one's form by backend for the UNet.
 
 XLA:CPU (jaxlib 0.10.2) runs a grouped convolution with as many groups as
 channels 20-50x slower than PyTorch, and its kernel gradient worse still.
@@ -15,6 +16,7 @@ few images at a time so that each product stays in cache.
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # Bytes of one batch chunk of the input in the kernel-gradient loop: small
 # enough for the K*K products of a chunk to stay in a core's L2 cache.
@@ -264,3 +266,45 @@ def downsample_conv(x, kernel, bias):
         raise ValueError(f'bias: expected [{kernel.shape[3]}], got shape {bias.shape}')
     return _downsample(x, kernel) + bias
 
+
+# --- The UNet's convolutions, each in the fastest form of the backend ----------------------------
+
+def _lax_upsample(x, kernel, bias):
+    """XLA's own transposed conv (`Upsample`)."""
+    y = lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
+                           dimension_numbers=("NHWC", "HWIO", "NHWC"), transpose_kernel=True)
+    return y + bias
+
+
+def _lax_depthwise(x, kernel, bias):
+    """XLA's own grouped conv (`DepthwiseConv`)."""
+    k = kernel.shape[0]
+    y = lax.conv_general_dilated(x, kernel, (1, 1), [(k // 2, k // 2)] * 2,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 feature_group_count=x.shape[-1])
+    return y + bias
+
+
+def upsample(x, kernel, bias):
+    """`Upsample`'s transposed conv: `upsample_conv_transpose` on CPU, else XLA's."""
+    if jax.default_backend() == "cpu":
+        return upsample_conv_transpose(x, kernel, bias)
+    return _lax_upsample(x, kernel, bias)
+
+
+def downsample(x, kernel, bias):
+    """`Downsample`'s strided conv: on CPU with `downsample_conv`'s faster input
+    gradient, else XLA's."""
+    if jax.default_backend() == "cpu":
+        return downsample_conv(x, kernel, bias)
+    return strided_conv(x, kernel) + bias
+
+
+def depthwise(x, kernel, bias):
+    """`DepthwiseConv`'s grouped conv: shifted multiply-adds (`depthwise_conv2d`) on CPU
+    and GPU, where XLA's grouped convolution is slow (on GPU its gradient is 5x slower than the
+    shifted form's, docs/speed.md); XLA's elsewhere (TPU)."""
+    backend = jax.default_backend()
+    if backend in ("cpu", "gpu"):
+        return depthwise_conv2d(x, kernel, bias, cache_blocked_grad=backend == "cpu")
+    return _lax_depthwise(x, kernel, bias)

@@ -20,7 +20,6 @@ Everything runs jitted on a 1-D 'data' mesh: the batch split over devices,
 parameters replicated, results replicated so every process can read them.
 """
 import logging
-import math
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -28,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from ddpm_jax import (classifier, conditional_eval, fid, inception, input_pipeline, likelihood,
-                      parallel, sampling, train_state)
+                      parallel, sampling, unet)
 from ddpm_jax.schedules import DiffusionSchedule, schedule_from_config
 
 log = logging.getLogger(__name__)
@@ -102,11 +101,6 @@ _per_image_bpd_jit = jax.jit(_per_image_bpd_sharded,
                              static_argnames=("apply_fn", "mesh", "objective"))
 
 
-def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from a host copy that every process holds in full."""
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
 def bits_per_dim(apply_fn: sampling.ApplyFn, params, schedule: DiffusionSchedule,
                  images: np.ndarray, *, mesh: Mesh, seed: int = 0, batch_size: int = 64,
                  objective: str = "eps",
@@ -120,25 +114,22 @@ def bits_per_dim(apply_fn: sampling.ApplyFn, params, schedule: DiffusionSchedule
     and its padding dropped. `progress` is called after each batch (its
     elapsed time includes the first batch's compilation).
     """
-    num_devices = mesh.devices.size
-    batch = math.ceil(min(batch_size, len(images)) / num_devices) * num_devices
-    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    replicated = parallel.replicated(mesh)
     params, schedule = jax.device_put((params, schedule), replicated)
     key = jax.device_put(jax.random.PRNGKey(seed), replicated)
-    chunks, started = [], time.perf_counter()
-    for start in range(0, len(images), batch):
-        indices = np.arange(start, start + batch, dtype=np.int32)
-        chunk = images[start:start + batch]
-        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])
-        out = _per_image_bpd_jit(schedule, params, _global_array(padded, sharded),
-                                 _global_array(indices, sharded), key,
-                                 apply_fn=apply_fn, mesh=mesh, objective=objective)
-        chunks.append({k: np.asarray(v)[:len(chunk)] for k, v in out.items()})
+    started = time.perf_counter()
+
+    def report(done_batches, num_batches, done_images):
         if progress is not None:
-            progress(sampling.Progress(len(chunks), math.ceil(len(images) / batch),
-                                       start + len(chunk), len(images),
+            progress(sampling.Progress(done_batches, num_batches, done_images, len(images),
                                        time.perf_counter() - started))
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    def run(batch, indices):
+        return _per_image_bpd_jit(schedule, params, batch, indices, key, apply_fn=apply_fn,
+                                  mesh=mesh, objective=objective)
+
+    return parallel.map_batches(run, [images, np.arange(len(images), dtype=np.int32)],
+                                batch_size, mesh=mesh, progress=report)
 
 
 def summarize_bpd(per_image: Dict[str, np.ndarray]) -> Dict[str, float]:
@@ -248,7 +239,7 @@ class Evaluator:
         self.bpd_enabled = e.bpd_every > 0 if with_bpd is None else with_bpd
         self.fid_enabled = e.fid_every > 0 if with_sample_quality is None else with_sample_quality
         self.schedule = schedule_from_config(config.diffusion)
-        self.apply_fn = sampling.ModelApply(train_state.create_model(config))
+        self.apply_fn = sampling.ModelApply(unet.create_model(config))
         self.num_classes = config.model.num_classes
         self.class_scorer = None  # a conditional model's per-class scores
         self.bpd_images = (load_split_images(config, e.split, e.bpd_num_images)
@@ -297,8 +288,7 @@ class Evaluator:
         result = sampling.generate(
             self.apply_fn, params, self.schedule,
             (c.data.image_size, c.data.image_size, c.data.channels), n, seed=c.eval.seed,
-            objective=c.diffusion.objective, mesh=self.mesh, progress=progress,
-            **sampling.settings(c.sampling), **conditional)
+            mesh=self.mesh, progress=progress, **sampling.settings(c), **conditional)
         samples = quantize(result.images)
         for scorer in self.scorers:
             scores.update(scorer(samples))

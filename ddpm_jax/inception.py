@@ -17,20 +17,19 @@ images are repeated to 3 channels, as PIL's convert('RGB') does.
 
 Convolutions and the resize run at `Precision.HIGHEST` by default, so an
 accelerator computes float32 products as the CPU reference does, not TF32/bf16.
-PyTorch is imported only to read the .pth file.
+The weights are read and mapped by `torch_weights`.
 """
 import functools
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import flax.linen as nn
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from ddpm_jax import parallel
+from ddpm_jax import parallel, torch_weights
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -241,69 +240,7 @@ def variables_template(model: FIDInceptionV3) -> Variables:
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
 
 
-# --- Weights from pytorch-fid's state_dict ---------------------------------------------------
-
-# (collection, Flax leaf name) -> PyTorch state_dict suffix.
-_TORCH_LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight",
-               ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
-               ("batch_stats", "var"): "running_var"}
-# In the file but not in the feature network: the 1008-way logits and BatchNorm's step counters.
-_UNUSED_KEYS = ("fc.weight", "fc.bias")
-_UNUSED_SUFFIX = ".num_batches_tracked"
-
-
-def torch_key(path: Tuple[str, ...]) -> str:
-    """('params', 'Mixed_5b', 'branch1x1', 'conv', 'kernel') -> 'Mixed_5b.branch1x1.conv.weight'."""
-    collection, *modules, leaf = path
-    return ".".join([*modules, _TORCH_LEAF[(collection, leaf)]])
-
-
-def _torch_shape(path: Tuple[str, ...], shape: Tuple[int, ...]) -> Tuple[int, ...]:
-    """Conv kernels are [kh, kw, in, out] in Flax and [out, in, kh, kw] in PyTorch."""
-    return (shape[3], shape[2], shape[0], shape[1]) if path[-1] == "kernel" else tuple(shape)
-
-
-def _to_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value, np.float32)
-
-
-def convert_state_dict(state_dict: Mapping[str, Any], template: Variables) -> Variables:
-    """Flax variables of `FIDInceptionV3` from pytorch-fid's Inception state_dict.
-
-    Args:
-      state_dict: state_dict keys -> tensors or arrays (`fc.*` and
-        `*.num_batches_tracked` are ignored).
-      template: `variables_template(model)` (or initialized variables).
-
-    Raises:
-      ValueError naming the first key (in state_dict order) that the network
-      lacks or whose shape differs (both shapes in PyTorch layout), or else
-      the keys the file lacks.
-    """
-    expected = {torch_key(path): (path, leaf.shape)
-                for path, leaf in flax.traverse_util.flatten_dict(dict(template)).items()}
-    flat = {}
-    for key, value in state_dict.items():
-        if key in _UNUSED_KEYS or key.endswith(_UNUSED_SUFFIX):
-            continue
-        value = _to_numpy(value)
-        if key not in expected:
-            raise ValueError(f"Inception weights: parameter {key!r} (shape {value.shape}) is not "
-                             f"in FIDInceptionV3; is this pytorch-fid's "
-                             f"pt_inception-2015-12-05 file?")
-        path, shape = expected[key]
-        if value.shape != _torch_shape(path, shape):
-            raise ValueError(f"Inception weights: parameter {key!r} has shape {value.shape} in "
-                             f"the file, FIDInceptionV3 expects {_torch_shape(path, shape)}")
-        flat[path] = np.transpose(value, (2, 3, 1, 0)) if path[-1] == "kernel" else value
-    missing = [key for key, (path, _) in expected.items() if path not in flat]
-    if missing:
-        raise ValueError(f"Inception weights: the file lacks {len(missing)} parameters of "
-                         f"FIDInceptionV3, first {missing[:3]}")
-    return flax.traverse_util.unflatten_dict(flat)
-
+# --- Weights from pytorch-fid's .pth file ---------------------------------------------------
 
 def missing_weights_message(path: str) -> str:
     return (f"Inception weights file {path!r} not found. Download pytorch-fid's FID Inception "
@@ -312,25 +249,14 @@ def missing_weights_message(path: str) -> str:
             f"config.eval.inception_weights (training).")
 
 
-def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
-    """The state_dict in a .pth file as numpy arrays (reads it with PyTorch, on the CPU)."""
-    if not epath.Path(path).is_file():  # local or a URL
-        raise FileNotFoundError(missing_weights_message(path))
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as error:
-        raise ImportError(f"reading the Inception weights {path!r} (a PyTorch .pth file) "
-                          f"needs PyTorch: pip install torch") from error
-    with epath.Path(path).open("rb") as f:
-        state_dict = torch.load(f, map_location="cpu", weights_only=True)
-    return {key: _to_numpy(value) for key, value in state_dict.items()}
-
-
 def load_inception(path: str, precision=jax.lax.Precision.HIGHEST
                    ) -> Tuple[FIDInceptionV3, Variables]:
     """The FID Inception network and its variables from pytorch-fid's weights file."""
+    if not epath.Path(path).is_file():  # local or a URL
+        raise FileNotFoundError(missing_weights_message(path))
     model = FIDInceptionV3(precision=precision)
-    variables = convert_state_dict(load_torch_state_dict(path), variables_template(model))
+    state_dict = torch_weights.read_state_dict(path, f"the Inception weights {path!r}")
+    variables = torch_weights.inception_variables(state_dict, variables_template(model))
     return model, jax.tree_util.tree_map(jnp.asarray, variables)
 
 
@@ -354,16 +280,7 @@ def inception_features(model: FIDInceptionV3, variables: Variables, images: np.n
     process passes the same images and gets all features.
     """
     mesh = mesh if mesh is not None else parallel.make_mesh(jax.local_devices()[:1])
-    num_devices = mesh.devices.size
-    batch = -(-min(batch_size, len(images)) // num_devices) * num_devices
-    sharded = parallel.batch_sharded(mesh)
     variables = jax.device_put(variables, parallel.replicated(mesh))
-    features = []
-    for start in range(0, len(images), batch):
-        chunk = np.asarray(images[start:start + batch], np.float32)
-        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])
-        device_batch = jax.make_array_from_callback(padded.shape, sharded,
-                                                    lambda index, host=padded: host[index])
-        out = _features_jit(model, variables, device_batch, mesh=mesh)
-        features.append(np.asarray(out)[:len(chunk)])
-    return np.concatenate(features)
+    return parallel.map_batches(
+        lambda batch: _features_jit(model, variables, batch, mesh=mesh),
+        [np.asarray(images, np.float32)], batch_size, mesh=mesh)

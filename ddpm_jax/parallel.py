@@ -10,7 +10,7 @@ import glob
 import importlib.util
 import logging
 import os
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -122,3 +122,46 @@ def barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
 
+
+def map_batches(fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size: int, *,
+                mesh: Optional[Mesh] = None,
+                progress: Optional[Callable[[int, int, int], None]] = None) -> Any:
+    """`fn(*batches)` over the rows of `arrays` (equal first axes, N rows), as numpy.
+
+    Every batch has the same shape, min(batch_size, N) rows rounded up to the device
+    count of `mesh`, so `fn` compiles once; with a mesh the batches are global arrays
+    split over its devices (every process passes the same arrays and gets all
+    outputs), without one they are numpy. The last batch is padded with copies of its
+    first row, whose outputs are dropped. `progress(batches done, batches, rows done)`
+    is called after each batch.
+    """
+    num_rows = len(arrays[0])
+    num_devices = 1 if mesh is None else mesh.devices.size
+    batch = -(-min(batch_size, num_rows) // num_devices) * num_devices
+    num_batches = -(-num_rows // batch)
+    outputs = []
+    for start in range(0, num_rows, batch):
+        chunks = [a[start:start + batch] for a in arrays]
+        rows = len(chunks[0])
+        padded = [np.concatenate([c, np.repeat(c[:1], batch - rows, axis=0)]) for c in chunks]
+        if mesh is not None:
+            sharding = batch_sharded(mesh)
+            padded = [jax.make_array_from_callback(p.shape, sharding, lambda index, p=p: p[index])
+                      for p in padded]
+        out = jax.device_get(fn(*padded))
+        outputs.append(jax.tree.map(lambda x, rows=rows: np.asarray(x)[:rows], out))
+        if progress is not None:
+            progress(len(outputs), num_batches, start + rows)
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+
+
+def configure_compilation_cache(config) -> None:
+    """Keep compiled programs on disk, so a resumed run skips the compile (e.g. 14 s -> 1.4 s).
+
+    An empty config.training.compilation_cache_dir leaves JAX's own setting
+    ($JAX_COMPILATION_CACHE_DIR) alone. The commands made the path absolute
+    (`config_validation.resolve_paths`).
+    """
+    directory = config.training.compilation_cache_dir
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", directory)

@@ -1,4 +1,4 @@
-"""The training state, the network and the optimizer, all built from the config.
+"""The training state and the optimizer, built from the config (the network: `unet.create_model`).
 
 Everything a resumed run needs is in `TrainState`: with the step number, the
 RNG key and the optimizer moments restored, the run continues bit for bit as
@@ -13,8 +13,6 @@ import jax.numpy as jnp
 import optax
 
 from ddpm_jax.unet import Unet
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @flax.struct.dataclass
@@ -32,16 +30,6 @@ class TrainState:
     opt_state: Any
     rng: jnp.ndarray
     skipped_steps: jnp.ndarray
-
-
-def create_model(config) -> Unet:
-    """The config's UNet, predicting noise for images of `config.data.channels` channels."""
-    m = config.model
-    return Unet(dim=m.dim, init_dim=m.init_dim, dim_mults=tuple(m.dim_mults),
-                channels=config.data.channels, with_time_emb=m.with_time_emb,
-                resnet_block_groups=m.resnet_block_groups, use_convnext=m.use_convnext,
-                convnext_mult=m.convnext_mult, dropout=m.dropout, dtype=DTYPES[m.dtype],
-                num_classes=m.num_classes)
 
 
 def learning_rate_schedule(config) -> optax.Schedule:

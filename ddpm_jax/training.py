@@ -202,18 +202,6 @@ def _check_call_boundaries(config, total_steps: int, start_step: int) -> None:
             f"{start_step}")
 
 
-def configure_compilation_cache(config) -> None:
-    """Keep compiled programs on disk, so a resumed run skips the compile (e.g. 14 s -> 1.4 s).
-
-    An empty config.training.compilation_cache_dir leaves JAX's own setting
-    ($JAX_COMPILATION_CACHE_DIR) alone. The commands made the path absolute
-    (`config_validation.resolve_paths`).
-    """
-    directory = config.training.compilation_cache_dir
-    if directory:
-        jax.config.update("jax_compilation_cache_dir", directory)
-
-
 def open_train_source(config) -> input_pipeline.Source:
     """config.data.train_split of the config's dataset (with labels from a folder's class
     subfolders for a conditional model); a dataset, image feature or split that does not
@@ -360,8 +348,7 @@ class _Loop:
             sampling.ModelApply(self.model), state.ema_params, self.schedule,
             (c.data.image_size, c.data.image_size, c.data.channels),
             c.training.num_sample_images if labels is None else len(labels), seed=c.seed,
-            objective=c.diffusion.objective, mesh=self.mesh, **sampling.settings(c.sampling),
-            **conditional)
+            mesh=self.mesh, **sampling.settings(c), **conditional)
         if jax.process_index() == 0:
             nrow = (math.ceil(math.sqrt(len(result.images))) if labels is None
                     else len(labels) // self.model.num_classes)

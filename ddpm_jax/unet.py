@@ -12,7 +12,7 @@ biases), so that training from scratch starts where the design's does.
 
 Submodule names are the PyTorch attribute paths, with each '.' before a list
 index written '_': PyTorch's `downs.0.2.fn.norm.weight` is Flax's
-`downs_0_2/fn/norm/scale`. `ddpm_jax.convert` relies on this to port weights.
+`downs_0_2/fn/norm/scale`. `ddpm_jax.torch_weights` relies on this to port weights.
 
 Beyond the design: `dropout` in the residual blocks (off by default), a
 compute `dtype` (e.g. bfloat16 activations with float32 parameters; GroupNorm
@@ -27,12 +27,10 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from ddpm_jax import conv
 from ddpm_jax.embeddings import ClassEmbedding, SinusoidalPositionEmbeddings, check_labels
-from ddpm_jax.unet_checks import (  # noqa: F401 (validate_unet_config: re-exported)
-    check_architecture, check_image_size, validate_unet_config)
+from ddpm_jax.unet_checks import check_architecture, check_image_size
 
 GROUP_NORM_EPSILON = 1e-5  # PyTorch's; Flax defaults to 1e-6.
 
@@ -81,56 +79,13 @@ def _softmax(x, axis: int):
     return jax.nn.softmax(x.astype(jnp.float32), axis=axis).astype(x.dtype)
 
 
-# --- The convolutions whose fastest form depends on the backend -------------------------------
-
-def _lax_upsample(x, kernel, bias):
-    """XLA's own transposed conv (`Upsample`)."""
-    y = lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
-                           dimension_numbers=("NHWC", "HWIO", "NHWC"), transpose_kernel=True)
-    return y + bias
-
-
-def _lax_depthwise(x, kernel, bias):
-    """XLA's own grouped conv (`DepthwiseConv`)."""
-    k = kernel.shape[0]
-    y = lax.conv_general_dilated(x, kernel, (1, 1), [(k // 2, k // 2)] * 2,
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                 feature_group_count=x.shape[-1])
-    return y + bias
-
-
-def _upsample(x, kernel, bias):
-    """`Upsample`'s transposed conv: `conv.upsample_conv_transpose` on CPU, else XLA's."""
-    if jax.default_backend() == "cpu":
-        return conv.upsample_conv_transpose(x, kernel, bias)
-    return _lax_upsample(x, kernel, bias)
-
-
-def _downsample(x, kernel, bias):
-    """`Downsample`'s strided conv: on CPU with `conv.downsample_conv`'s faster input
-    gradient, else XLA's."""
-    if jax.default_backend() == "cpu":
-        return conv.downsample_conv(x, kernel, bias)
-    return conv.strided_conv(x, kernel) + bias
-
-
-def _depthwise(x, kernel, bias):
-    """`DepthwiseConv`'s grouped conv: shifted multiply-adds (`conv.depthwise_conv2d`) on CPU
-    and GPU, where XLA's grouped convolution is slow (on GPU its gradient is 5x slower than the
-    shifted form's, docs/speed.md); XLA's elsewhere (TPU)."""
-    backend = jax.default_backend()
-    if backend in ("cpu", "gpu"):
-        return conv.depthwise_conv2d(x, kernel, bias, cache_blocked_grad=backend == "cpu")
-    return _lax_depthwise(x, kernel, bias)
-
-
 # --- Building blocks ---------------------------------------------------------------------------
 
 class Downsample(nn.Module):
     """PyTorch `nn.Conv2d(dim, dim, 4, 2, 1)`: halves height and width.
 
     Parameters as flax `nn.Conv`'s: kernel [4, 4, in, dim], bias [dim]. On CPU
-    the input gradient is a transposed conv (`_downsample`: 3x faster on XLA:CPU).
+    the input gradient is a transposed conv (`conv.downsample`: 3x faster on XLA:CPU).
     """
     dim: int
     dtype: Any = None
@@ -143,7 +98,7 @@ class Downsample(nn.Module):
         bias = self.param("bias", _torch_bias_init(in_features * 4 * 4), (self.dim,),
                           jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return _downsample(x, kernel, bias)
+        return conv.downsample(x, kernel, bias)
 
 
 class Upsample(nn.Module):
@@ -167,14 +122,14 @@ class Upsample(nn.Module):
                             jnp.float32)
         bias = self.param("bias", _torch_bias_init(self.dim * 4 * 4), (self.dim,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return _upsample(x, kernel, bias)
+        return conv.upsample(x, kernel, bias)
 
 
 class DepthwiseConv(nn.Module):
     """ConvNeXt's depthwise conv, PyTorch `nn.Conv2d(c, c, k, padding=k // 2, groups=c)`.
 
     XLA:CPU runs grouped convolutions 20-50x slower than PyTorch and XLA:GPU
-    their gradient slowly, so on CPU and GPU `_depthwise` uses shifted
+    their gradient slowly, so on CPU and GPU `conv.depthwise` uses shifted
     multiply-adds (equal within float32 rounding); on TPU the grouped convolution.
     Parameters: kernel [k, k, 1, c], bias [c].
     """
@@ -187,7 +142,7 @@ class DepthwiseConv(nn.Module):
         kernel = self.param("kernel", _torch_kernel_init(), (k, k, 1, channels), jnp.float32)
         bias = self.param("bias", _torch_bias_init(k * k), (channels,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return _depthwise(x, kernel, bias)
+        return conv.depthwise(x, kernel, bias)
 
 
 class Block(nn.Module):
@@ -434,3 +389,17 @@ class Unet(nn.Module):
         x = self._block(self.dim, "final_conv_0")(x, train=train)  # no time embedding here
         x = _conv(out_dim, 1, self.dim, dtype=dtype, name="final_conv_1")(x)
         return x.astype(jnp.float32)
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def create_model(config) -> Unet:
+    """The config's network, for images of `config.data.channels` channels: the one
+    constructor that training, evaluation and sampling share."""
+    m = config.model
+    return Unet(dim=m.dim, init_dim=m.init_dim, dim_mults=tuple(m.dim_mults),
+                channels=config.data.channels, with_time_emb=m.with_time_emb,
+                resnet_block_groups=m.resnet_block_groups, use_convnext=m.use_convnext,
+                convnext_mult=m.convnext_mult, dropout=m.dropout, dtype=DTYPES[m.dtype],
+                num_classes=m.num_classes)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from configs import tiny, tiny_cond
 from ddpm_jax import (classifier, config_validation, diffusion, embeddings, input_pipeline,
-                      sampling, train_state, training)
+                      sampling, train_state, training, unet)
 from ddpm_jax.schedules import make_schedule
 from tests.multidevice_test import STEPS, _assert_same_run
 from tests.train_helpers import (REPO, enable_compilation_cache, losses, restored_state,
@@ -29,7 +29,7 @@ NUM_CLASSES = 10
 
 
 def _init(config, seed=0):
-    model = train_state.create_model(config)
+    model = unet.create_model(config)
     state = train_state.create_train_state(config, model, train_state.make_optimizer(config),
                                            jax.random.key(seed))
     return model, state.params
@@ -337,7 +337,7 @@ def test_a_short_real_run_learns_to_use_its_labels(fashion_mnist_dirs, tmp_path)
     test = input_pipeline.open_source("fashion_mnist", "test", image_size=28, channels=1,
                                       data_dir=fashion_mnist_dirs.data_dir)
     images, labels = input_pipeline.load_labeled(test, 512)
-    apply = sampling.ModelApply(train_state.create_model(config))
+    apply = sampling.ModelApply(unet.create_model(config))
     schedule = make_schedule("linear", config.diffusion.timesteps)
     t = jax.random.randint(jax.random.key(1), (512,), 100, 200)
     noise = jax.random.normal(jax.random.key(0), images.shape)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import traverse_util
 
-from ddpm_jax import convert, diffusion, schedules, unet
+from ddpm_jax import torch_weights, diffusion, schedules, unet
 from tests import torch_ref_unet as ref
 
 FASHION = dict(dim=28, dim_mults=(1, 2, 4), channels=1)
@@ -35,21 +35,21 @@ def _seed():
     (("kernel",), "weight"),
 ])
 def test_torch_name(flax_path, name):
-    assert convert.torch_name(flax_path) == name
+    assert torch_weights.torch_name(flax_path) == name
 
 
 @pytest.mark.parametrize("config", [
     FASHION, dict(dim=128, dim_mults=(1, 2, 2, 2), channels=3, use_convnext=False)],
     ids=["fashion_convnext", "cifar_resnet"])
 def test_every_parameter_has_exactly_one_pytorch_counterpart(config):
-    template = traverse_util.flatten_dict(convert.abstract_params(unet.Unet(**config)))
+    template = traverse_util.flatten_dict(torch_weights.abstract_params(unet.Unet(**config)))
     state_dict = ref.Unet(**config).state_dict()
-    assert sorted(convert.torch_name(path) for path in template) == sorted(state_dict)
+    assert sorted(torch_weights.torch_name(path) for path in template) == sorted(state_dict)
 
 
 def test_layouts():
     state_dict = ref.Unet(**TINY).state_dict()
-    params = convert.torch_to_flax(state_dict, convert.abstract_params(unet.Unet(**TINY)))
+    params = torch_weights.torch_to_flax(state_dict, torch_weights.abstract_params(unet.Unet(**TINY)))
     np.testing.assert_array_equal(  # conv [out, in, kh, kw] -> [kh, kw, in, out]
         params["init_conv"]["kernel"][1, 2, 0, 3], state_dict["init_conv.weight"][3, 0, 1, 2])
     np.testing.assert_array_equal(  # transposed conv [in, out, kh, kw] -> [kh, kw, out, in]
@@ -65,9 +65,9 @@ def test_layouts():
 
 def test_numpy_state_dict_gives_the_same_params():
     state_dict = ref.Unet(**TINY).state_dict()
-    template = convert.abstract_params(unet.Unet(**TINY))
-    from_tensors = convert.torch_to_flax(state_dict, template)
-    from_numpy = convert.torch_to_flax({k: v.numpy() for k, v in state_dict.items()}, template)
+    template = torch_weights.abstract_params(unet.Unet(**TINY))
+    from_tensors = torch_weights.torch_to_flax(state_dict, template)
+    from_numpy = torch_weights.torch_to_flax({k: v.numpy() for k, v in state_dict.items()}, template)
     jax.tree.map(np.testing.assert_array_equal, from_tensors, from_numpy)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(from_numpy))
 
@@ -83,22 +83,22 @@ def test_numpy_state_dict_gives_the_same_params():
      r"'downs.2.3.weight' has no counterpart"),
 ], ids=["dim", "channels", "resnet_into_convnext", "extra_level"])
 def test_wrong_architecture_names_first_mismatch(torch_config, message):
-    template = convert.abstract_params(unet.Unet(**FASHION))
+    template = torch_weights.abstract_params(unet.Unet(**FASHION))
     with pytest.raises(ValueError, match=message):
-        convert.torch_to_flax(ref.Unet(**torch_config).state_dict(), template)
+        torch_weights.torch_to_flax(ref.Unet(**torch_config).state_dict(), template)
 
 
 def test_variables_dict_as_template_is_rejected():
-    template = {"params": convert.abstract_params(unet.Unet(**TINY))}
+    template = {"params": torch_weights.abstract_params(unet.Unet(**TINY))}
     with pytest.raises(ValueError, match="pass its 'params' entry"):
-        convert.torch_to_flax(ref.Unet(**TINY).state_dict(), template)
+        torch_weights.torch_to_flax(ref.Unet(**TINY).state_dict(), template)
 
 
 def test_missing_parameter_is_named():
     state_dict = ref.Unet(**TINY).state_dict()
     del state_dict["final_conv.1.bias"]
     with pytest.raises(ValueError, match=r"lacks 1 parameter\(s\).*'final_conv.1.bias'"):
-        convert.torch_to_flax(state_dict, convert.abstract_params(unet.Unet(**TINY)))
+        torch_weights.torch_to_flax(state_dict, torch_weights.abstract_params(unet.Unet(**TINY)))
 
 
 def test_pytorch_checkpoint_loads_and_samples(tmp_path):
@@ -107,7 +107,7 @@ def test_pytorch_checkpoint_loads_and_samples(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(torch_model.state_dict(), path)
     model = unet.Unet(**TINY)
-    params = convert.load_torch_checkpoint(str(path), model)
+    params = torch_weights.load_torch_checkpoint(str(path), model)
 
     x, t = torch.randn(2, 1, 4, 6), torch.tensor([0, 9])
     expected = torch_model(x, t).detach().numpy().transpose(0, 2, 3, 1)
@@ -126,7 +126,7 @@ def test_file_without_a_state_dict_is_rejected(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([torch.zeros(2)], path)
     with pytest.raises(ValueError, match="holds a list, not a state_dict"):
-        convert.load_torch_checkpoint(str(path), unet.Unet(**TINY))
+        torch_weights.load_torch_checkpoint(str(path), unet.Unet(**TINY))
 
 
 def test_package_works_without_torch(tmp_path):
@@ -137,13 +137,14 @@ def test_package_works_without_torch(tmp_path):
         import sys
         import numpy as np
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
-        from ddpm_jax import convert, unet
+        from ddpm_jax import torch_weights, unet
         model = unet.Unet(**{TINY!r})
-        params = convert.torch_to_flax(dict(np.load(sys.argv[1])), convert.abstract_params(model))
+        template = torch_weights.abstract_params(model)
+        params = torch_weights.torch_to_flax(dict(np.load(sys.argv[1])), template)
         print("converted", len(params))
-        convert.load_torch_checkpoint("unused.pt", model)
+        torch_weights.load_torch_checkpoint("unused.pt", model)
     """)
     result = subprocess.run([sys.executable, "-c", code, str(arrays)], capture_output=True,
                             text=True, check=False, cwd=pathlib.Path(__file__).parents[1])
     assert "converted" in result.stdout, result.stderr
-    assert "ImportError: load_torch_checkpoint needs PyTorch" in result.stderr
+    assert "needs PyTorch: pip install torch" in result.stderr

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import cifar10, fashion, mnist, tiny
-from ddpm_jax import checkpointing, input_pipeline, parallel, sampling, train_state, training
+from ddpm_jax import checkpointing, input_pipeline, parallel, train_state, training, unet
 from ddpm_jax.config_validation import ConfigError, validate_config
 from ddpm_jax.schedules import make_schedule
 from tests.train_helpers import enable_compilation_cache, filled_train_state, tiny_config
@@ -56,7 +56,7 @@ def _filled_state(config, shift: float = 0.0):
 
 def _step_and_batches(config, count: int, nan_at: int):
     """The mesh, the jitted train step and `count` real batches, batch `nan_at` all NaN."""
-    model, optimizer = train_state.create_model(config), train_state.make_optimizer(config)
+    model, optimizer = unet.create_model(config), train_state.make_optimizer(config)
     mesh = parallel.make_mesh()
     schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
     step = training.make_train_step(config, model, schedule, optimizer, mesh)

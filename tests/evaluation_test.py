@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import classifier, evaluation, schedules, train_state
+from ddpm_jax import classifier, evaluation, schedules, unet
 from ddpm_jax.parallel import make_mesh
 from tests.likelihood_test import _numpy_bound
 from tests.train_helpers import subprocess_env, tiny_config
@@ -118,7 +118,7 @@ def test_evaluator_on_the_tiny_config(fashion_mnist_dirs, tmp_path):
     untrained = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
     classifier.save_classifier(config.eval.classifier_dir, model, untrained,
                                {"test_accuracy": 0.1})
-    params = train_state.create_model(config).init(
+    params = unet.create_model(config).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))["params"]
     lines = []
     evaluator = evaluation.Evaluator(config, make_mesh(), log_fn=lines.append)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from flax.traverse_util import flatten_dict
 
-from ddpm_jax import evaluation, inception, train_state
+from ddpm_jax import evaluation, inception, torch_weights, unet
 from ddpm_jax.parallel import make_mesh
 from tests.torch_ref_inception import BasicConv2d, FIDInceptionV3 as TorchFIDInceptionV3
 from tests.train_helpers import tiny_config
@@ -79,7 +79,7 @@ def ported():
     reference = TorchFIDInceptionV3().eval()
     _randomize(reference, seed=1)
     model = inception.FIDInceptionV3()
-    variables = inception.convert_state_dict(reference.state_dict(),
+    variables = torch_weights.inception_variables(reference.state_dict(),
                                              inception.variables_template(model))
     return reference, model, variables
 
@@ -138,7 +138,7 @@ def test_state_dict_keys_are_pytorch_fids():
         assert tuple(tensors[key]) == shape, key
     # Every variable of the Flax network has exactly one of these keys; only fc is left over.
     template = inception.variables_template(inception.FIDInceptionV3())
-    flax_keys = [inception.torch_key(path) for path in flatten_dict(dict(template))]
+    flax_keys = [torch_weights.inception_key(path) for path in flatten_dict(dict(template))]
     assert len(flax_keys) == len(set(flax_keys))
     assert set(tensors) - set(flax_keys) == {"fc.weight", "fc.bias"}
     assert set(flax_keys) <= set(tensors)
@@ -153,15 +153,15 @@ def test_convert_names_first_mismatching_parameter(ported):
     state_dict["Mixed_7c.branch_pool.conv.weight"] = np.zeros((1, 1, 1, 1), np.float32)
     with pytest.raises(ValueError, match=r"'Mixed_6b\.branch7x7_2\.conv\.weight' has shape "
                                          r"\(128, 128, 7, 1\).*expects \(128, 128, 1, 7\)"):
-        inception.convert_state_dict(state_dict, template)
+        torch_weights.inception_variables(state_dict, template)
 
     missing = {k: v for k, v in original.items() if not k.startswith("Mixed_7")}
     with pytest.raises(ValueError, match="lacks .* parameters.*Mixed_7a"):
-        inception.convert_state_dict(missing, template)
+        torch_weights.inception_variables(missing, template)
 
     unexpected = {"AuxLogits.conv0.conv.weight": np.zeros((128, 768, 1, 1)), **original}
     with pytest.raises(ValueError, match="'AuxLogits.conv0.conv.weight'.*not in FIDInceptionV3"):
-        inception.convert_state_dict(unexpected, template)
+        torch_weights.inception_variables(unexpected, template)
 
 
 def test_missing_weights_file_says_where_to_get_it(tmp_path):
@@ -207,7 +207,7 @@ def test_evaluator_reports_inception_fid(ported, fashion_mnist_dirs, tmp_path):
     config.eval.update(fid_every=10, fid_num_samples=4, fid_reference_images=4,
                        inception_weights=str(tmp_path / "weights.pth"))
     torch.save(reference.state_dict(), config.eval.inception_weights)
-    params = train_state.create_model(config).init(
+    params = unet.create_model(config).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))["params"]
     lines = []
     evaluator = evaluation.Evaluator(config, make_mesh(), log_fn=lines.append)

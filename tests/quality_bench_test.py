@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import convert, evaluation, fid, input_pipeline, parallel, train_state, training
+from ddpm_jax import (evaluation, fid, input_pipeline, parallel, torch_weights, train_state,
+                      training, unet)
 from ddpm_jax.schedules import make_schedule
 from tests.train_helpers import REPO, enable_compilation_cache, tiny_config
 
@@ -23,9 +24,9 @@ def test_design_and_project_train_on_the_same_draws(fashion_mnist_dirs):
     enable_compilation_cache()
     config = tiny_config(fashion_mnist_dirs)
     design = quality.Design(config, seed=0, threads=1)
-    model, optimizer = train_state.create_model(config), train_state.make_optimizer(config)
+    model, optimizer = unet.create_model(config), train_state.make_optimizer(config)
     schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
-    params0 = convert.torch_to_flax(design.state_dict(), convert.abstract_params(model))
+    params0 = torch_weights.torch_to_flax(design.state_dict(), torch_weights.abstract_params(model))
     state = train_state.create_train_state(config, model, optimizer, jax.random.key(0))
     copy = lambda tree: jax.tree.map(np.array, tree)  # noqa: E731  (the step donates each)
     mesh = parallel.make_mesh()

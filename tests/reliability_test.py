@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, metrics_writer, parallel, preemption, training, train_state
+from ddpm_jax import (checkpointing, metrics_writer, parallel, preemption, train_state, training,
+                      unet)
 from ddpm_jax.schedules import make_schedule
 from tests.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
                                  sigterm_at, subprocess_env, tiny_config, train_py)
@@ -133,7 +134,7 @@ def _nan_at(config, bad_step):
 
 def test_nan_step_leaves_the_state_unchanged_but_the_counters(reference):
     config = reference[0]
-    model, optimizer = train_state.create_model(config), train_state.make_optimizer(config)
+    model, optimizer = unet.create_model(config), train_state.make_optimizer(config)
     mesh = parallel.make_mesh()
     schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
     step = training.make_train_step(config, model, schedule, optimizer, mesh)

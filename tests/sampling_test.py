@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_jax import convert, diffusion, images, sampling, schedules
+from ddpm_jax import torch_weights, diffusion, images, sampling, schedules
 from ddpm_jax.unet import Unet
 from tests import torch_ref_diffusion as ref
 from tests.train_helpers import subprocess_env
@@ -31,7 +31,7 @@ def random_params(model: Unet, seed: int = 0):
         bound = 1.0 / np.sqrt(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 0.1
         return rng.uniform(-bound, bound, leaf.shape).astype(np.float32)
 
-    return jax.tree.map(draw, convert.abstract_params(model))
+    return jax.tree.map(draw, torch_weights.abstract_params(model))
 
 
 def _toy_apply(scale, x, t):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from configs import tiny
-from ddpm_jax import checkpointing, parallel, train_state
+from ddpm_jax import checkpointing, parallel, train_state, unet
 
 REPO = Path(__file__).resolve().parents[1]
 # Shared by the test processes and kept between test sessions (.cache/ is ignored by git):
@@ -140,7 +140,7 @@ def filled_train_state(config, seed: int = 0):
     """A TrainState for `config` of numpy draws at PyTorch's initial scale, U(+-1/sqrt(fan_in))
     (`create_train_state` would compile the network's initialisation, which takes XLA:CPU
     about a minute); integer leaves and the optimizer's moments are zero."""
-    model = train_state.create_model(config)
+    model = unet.create_model(config)
     shapes = jax.eval_shape(lambda key: train_state.create_train_state(
         config, model, train_state.make_optimizer(config), key), jax.random.key(0))
     rng = np.random.default_rng(seed)
