@@ -30,10 +30,10 @@ from etils import epath
 
 from ddpm_jax import (checkpointing, config_validation, datasets, diffusion, embeddings,
                       evaluation, images, input_pipeline, parallel, preemption, sampling,
-                      streaming)
+                      streaming, unet)
 from ddpm_jax.metrics_writer import SAMPLES_SUBDIR, ConsoleReporter, MetricsWriter
 from ddpm_jax.schedules import DiffusionSchedule, schedule_from_config
-from ddpm_jax.train_state import (TrainState, create_model, create_train_state, ema_decay_at,
+from ddpm_jax.train_state import (TrainState, create_train_state, ema_decay_at,
                                   learning_rate_schedule, make_optimizer)
 
 log = logging.getLogger(__name__)
@@ -399,7 +399,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
                                       process_count=jax.process_count())
     mesh = parallel.make_mesh()
     replicated = parallel.replicated(mesh)
-    model, optimizer = create_model(config), make_optimizer(config)
+    model, optimizer = unet.create_model(config), make_optimizer(config)
     schedule = schedule_from_config(config.diffusion)
     d = config.diffusion
     log.info("Schedule %s, T=%d, terminal_snr %s: alpha_bar_T = %.3g; objective %s, loss "
