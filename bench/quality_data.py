@@ -15,6 +15,7 @@ classifier with that machine's Orbax).
 import argparse
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -77,6 +78,8 @@ def classifier_dir(path: str, scratch_dir: str) -> str:
     model = classifier.Classifier(num_classes=arch["num_classes"],
                                   features=tuple(arch["features"]), hidden=arch["hidden"])
     directory = os.path.join(scratch_dir, "classifier")
+    if os.path.exists(directory):  # written by an earlier run into the same scratch_dir
+        shutil.rmtree(directory)
     classifier.save_classifier(directory, model, stored["params"], record)
     return directory
 

@@ -37,6 +37,7 @@ RECIPES = {
                         "diffusion.loss_weighting": "min_snr"},
     "zero-v-minsnr": {"diffusion.terminal_snr": "zero", "diffusion.objective": "v",
                       "diffusion.loss_weighting": "min_snr"},
+    "scaled-x0": {"diffusion.terminal_snr": "scaled", "diffusion.objective": "x0"},
     "scaled-x0-minsnr": {"diffusion.terminal_snr": "scaled", "diffusion.objective": "x0",
                          "diffusion.loss_weighting": "min_snr"},
     "scaled-eps-minsnr": {"diffusion.terminal_snr": "scaled", "diffusion.objective": "eps",

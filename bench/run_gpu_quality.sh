@@ -41,7 +41,7 @@ print("jax devices:", jax.devices())'
 } 2>&1 | tee "$OUT/env.txt"
 
 T="${T:-200}"  # the config's timesteps, in the variant names
-RECIPES="${RECIPES:-design scaled scaled-v scaled-v-minsnr zero-v-minsnr scaled-x0-minsnr scaled-eps-minsnr}"
+RECIPES="${RECIPES:-design scaled scaled-v scaled-v-minsnr zero-v-minsnr scaled-x0 scaled-x0-minsnr scaled-eps-minsnr}"
 SOLVER="${SOLVER-ema-dpmpp2m20-clip ema-dpmpp2m10-clip ema-dpmpp2m15-clip ema-dpmpp2m20time-clip}"
 RECIPE_VARIANTS="${RECIPE_VARIANTS:-ema-ddpm$T-clip $SOLVER ema-ddim50-clip}"
 DESIGN_VARIANTS="${DESIGN_VARIANTS:-raw-ddpm$T-eq11 ema-ddpm$T-clip $SOLVER ema-ddim50-clip raw-ddpm$T-clip}"
