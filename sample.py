@@ -23,7 +23,7 @@ A class-conditional model (config.model.num_classes > 0) takes --class_label
 image i's noise does not depend on w, so grids of different w compare.
 """
 
-from ddpm_jax import cpu_defaults
+from ddpm_jax.runtime import cpu_defaults
 
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
@@ -34,7 +34,7 @@ import time  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import console, storage  # noqa: E402
+from ddpm_jax.runtime import console, storage  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir: sample its newest "
                                "checkpoint.")
@@ -95,7 +95,7 @@ def _first_line(error: BaseException) -> str:
 
 def _load_workdir():
     """(config, params, step, source description) of --workdir's newest checkpoint."""
-    from ddpm_jax import checkpointing
+    from ddpm_jax.training import checkpointing
     try:
         config, params, step = checkpointing.load_inference_params(_WORKDIR.value, _USE_EMA.value)
     except checkpointing.CheckpointError as e:
@@ -108,7 +108,8 @@ def _load_torch():
     """(config, params, source description) of --torch_checkpoint with --config."""
     import pickle
 
-    from ddpm_jax import config_validation, torch_weights, unet
+    from ddpm_jax import config_validation
+    from ddpm_jax.models import torch_weights, unet
     path, config = _TORCH_CHECKPOINT.value, _CONFIG.value
     if config is None:
         _fail("--torch_checkpoint needs --config=configs/<name>.py describing its network")
@@ -197,12 +198,14 @@ def main(argv):
               "their own config")
     storage.absolute_flags("workdir", "torch_checkpoint", "output", "save_npz", "gif")
     start = time.perf_counter()
-    from ddpm_jax import parallel
+    from ddpm_jax.runtime import parallel
     parallel.maybe_initialize_distributed()
     import jax
     import numpy as np
 
-    from ddpm_jax import config_validation, images, sampling, schedules, unet
+    from ddpm_jax import config_validation, sampling, schedules
+    from ddpm_jax.models import unet
+    from ddpm_jax.runtime import images
 
     config, params, source = _load_workdir() if _WORKDIR.value else _load_torch()
     config_validation.resolve_paths(config)  # e.g. a stored '~/...' compilation cache

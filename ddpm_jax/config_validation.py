@@ -11,19 +11,22 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from etils import epath
 
-from ddpm_jax import datasets, evaluation, storage, unet_checks
+from ddpm_jax.data import datasets
+from ddpm_jax.evaluation import suite
+from ddpm_jax.models import unet_checks
+from ddpm_jax.runtime import storage
 from ddpm_jax.diffusion import LOSS_TYPES, LOSS_WEIGHTINGS, OBJECTIVES
 from ddpm_jax.sampling import check_sampler
 from ddpm_jax.schedules import BETA_SCHEDULES, TERMINAL_SNRS
 
 # Label counts of the TFDS datasets the configs use, checked before anything is opened; other
-# datasets' labels are checked when the training split is opened (training.open_train_source).
+# datasets' labels are checked when the training split is opened (loop.open_train_source).
 TFDS_NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}
 MODEL_DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("skip", "stop")
 
 # Every field a config must have, by section. The optional `eval` section is
-# checked by `evaluation.validate_config`.
+# checked by `suite.validate_config`.
 FIELDS = {
         "": ("seed",),
         "data": ("dataset", "folder", "image_size", "channels", "random_flip",
@@ -313,8 +316,8 @@ def _check_training(check: _Checker, num_devices: int, process_count: int) -> No
         batch_size = check.get("training.batch_size")
         _divisible(check, "training.batch_size", batch_size, num_devices, "devices")
         _divisible(check, "training.batch_size", batch_size, process_count, "processes")
-    check.integer("training.num_train_steps", minimum=1, optional=True)
-    if check.get("training.num_train_steps") is None:
+    check.integer("loop.num_train_steps", minimum=1, optional=True)
+    if check.get("loop.num_train_steps") is None:
         check.number("training.num_epochs", minimum=0.0, exclusive_minimum=True)
     for path in ("training.log_every", "training.checkpoint_every", "training.keep_checkpoints"):
         check.integer(path, minimum=1)
@@ -332,7 +335,7 @@ def _check_steps_per_call(check: _Checker) -> None:
     if not check.integer("training.steps_per_call", minimum=1):
         return
     k = check.get("training.steps_per_call")
-    paths = ["training.num_train_steps", "training.log_every", "training.checkpoint_every",
+    paths = ["loop.num_train_steps", "training.log_every", "training.checkpoint_every",
              "training.sample_every"]
     if "eval" in check.config:
         paths += ["eval.bpd_every", "eval.fid_every"]
@@ -386,7 +389,7 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
     _check_sampling(check)
     if "eval" in config:
         try:
-            evaluation.validate_config(config.eval)
+            suite.validate_config(config.eval)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             check.errors.append(str(e))
     if check.errors:

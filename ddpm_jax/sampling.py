@@ -32,7 +32,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ddpm_jax import diffusion, dpm_solver, embeddings, parallel
+from ddpm_jax import diffusion, dpm_solver
+from ddpm_jax.models import embeddings
+from ddpm_jax.runtime import parallel
 from ddpm_jax.schedules import DiffusionSchedule
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")

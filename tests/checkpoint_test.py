@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from configs import fashion, tiny
-from ddpm_jax import checkpointing, config_validation, parallel, train_state
-from ddpm_jax.checkpointing import (CheckpointError, Checkpointer, ConfigMismatchError,
-                                    load_inference_params)
+from ddpm_jax import config_validation
+from ddpm_jax.runtime import parallel
+from ddpm_jax.training import checkpointing, train_state
+from ddpm_jax.training.checkpointing import (CheckpointError, Checkpointer, ConfigMismatchError,
+                                             load_inference_params)
 from tests.train_helpers import REPO
 
 
@@ -142,7 +144,7 @@ def test_save_killed_halfway_leaves_the_previous_checkpoint(tmp_path):
         import os, signal
         import jax.numpy as jnp
         from configs import tiny
-        from ddpm_jax.checkpointing import Checkpointer
+        from ddpm_jax.training.checkpointing import Checkpointer
         config = tiny.get_config()
         checkpointer = Checkpointer({str(tmp_path)!r}, keep=1)
         big = {{"w": jnp.arange(40_000_000, dtype=jnp.int32)}}

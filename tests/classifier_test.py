@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import classifier, input_pipeline
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.evaluation import classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,7 +19,8 @@ from etils import epath
 from etils.epath import backend, gpath
 from PIL import Image
 
-from ddpm_jax import checkpointing, metrics_writer, storage
+from ddpm_jax.runtime import metrics_writer, storage
+from ddpm_jax.training import checkpointing
 from tests.reliability_test import _assert_bitwise_equal
 from tests.train_helpers import (REPO, read_events, restored_state, run_train_py,
                                  subprocess_env, tiny_config)
@@ -182,7 +183,7 @@ def test_training_evaluation_and_sampling_in_a_gs_workdir(fashion_mnist_dirs, gc
 
 def test_an_image_folder_in_a_bucket_reads_as_on_disk(gcs_emulator, tmp_path):
     """config.data.folder = gs://...: the same images, order and class labels as a local copy."""
-    from ddpm_jax import datasets
+    from ddpm_jax.data import datasets
     rng = np.random.default_rng(0)
     local, remote = tmp_path / "images", epath.Path(f"gs://{BUCKET}/images")
     for name in ("b/2.png", "a/1.png", "a/sub/3.png", "a-z/4.png", "notes.txt"):

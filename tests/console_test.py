@@ -6,7 +6,7 @@ import sys
 
 from absl import logging as absl_logging
 
-from ddpm_jax import console
+from ddpm_jax.runtime import console
 from tests import train_helpers
 from tests.sample_cli_test import STEP, workdir  # noqa: F401  (the tiny checkpoint fixture)
 

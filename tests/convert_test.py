@@ -11,7 +11,8 @@ import pytest
 import torch
 from flax import traverse_util
 
-from ddpm_jax import torch_weights, diffusion, schedules, unet
+from ddpm_jax import diffusion, schedules
+from ddpm_jax.models import torch_weights, unet
 from tests import torch_ref_unet as ref
 
 FASHION = dict(dim=28, dim_mults=(1, 2, 4), channels=1)
@@ -137,7 +138,7 @@ def test_package_works_without_torch(tmp_path):
         import sys
         import numpy as np
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
-        from ddpm_jax import torch_weights, unet
+        from ddpm_jax.models import torch_weights, unet
         model = unet.Unet(**{TINY!r})
         template = torch_weights.abstract_params(model)
         params = torch_weights.torch_to_flax(dict(np.load(sys.argv[1])), template)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ddpm_jax import cpu_defaults
+from ddpm_jax.runtime import cpu_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 KNOWN = metadata.version("jaxlib").startswith(cpu_defaults.KNOWN_JAXLIB_RELEASES)
@@ -102,7 +102,7 @@ HUGE_PAGES_PROBE = """
 import ctypes, os, sys
 sys.path.insert(0, {repo!r})
 print("pid", os.getpid(), flush=True)
-from ddpm_jax import cpu_defaults
+from ddpm_jax.runtime import cpu_defaults
 cpu_defaults.apply_cpu_defaults(restart=True)
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p

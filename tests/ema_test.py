@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from configs import cifar10, fashion, mnist, tiny
-from ddpm_jax import checkpointing, input_pipeline, parallel, train_state, training, unet
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.models import unet
+from ddpm_jax.runtime import parallel
+from ddpm_jax.training import checkpointing, loop, train_state, train_step
 from ddpm_jax.config_validation import ConfigError, validate_config
 from ddpm_jax.schedules import make_schedule
 from tests.train_helpers import enable_compilation_cache, filled_train_state, tiny_config
@@ -59,8 +62,8 @@ def _step_and_batches(config, count: int, nan_at: int):
     model, optimizer = unet.create_model(config), train_state.make_optimizer(config)
     mesh = parallel.make_mesh()
     schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
-    step = training.make_train_step(config, model, schedule, optimizer, mesh)
-    with input_pipeline.TrainIterator(training.open_train_source(config),
+    step = train_step.make_train_step(config, model, schedule, optimizer, mesh)
+    with input_pipeline.TrainIterator(loop.open_train_source(config),
                                       config.training.batch_size, 0, random_flip=False) as it:
         batches = [next(it) for _ in range(count)]
     batches[nan_at] = np.full_like(batches[nan_at], np.nan)
@@ -126,7 +129,7 @@ def test_a_checkpoint_from_before_the_warmup_resumes_and_samples(fashion_mnist_d
     stored_config, _, step = checkpointing.load_inference_params(str(tmp_path))
     assert step == 7 and stored_config.sampling.clip_denoised is False
 
-    result = training.train(config, str(tmp_path))
+    result = loop.train(config, str(tmp_path))
     assert result.status == "completed" and result.step == 9
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(result.state.ema_params))
     stored_config, _, step = checkpointing.load_inference_params(str(tmp_path))

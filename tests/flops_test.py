@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ddpm_jax import unet
+from ddpm_jax.models import unet
 from tests.train_helpers import REPO, enable_compilation_cache
 
 sys.path.insert(0, str(REPO / "bench"))

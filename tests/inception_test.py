@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from flax.traverse_util import flatten_dict
 
-from ddpm_jax import evaluation, inception, torch_weights, unet
-from ddpm_jax.parallel import make_mesh
+from ddpm_jax.evaluation import inception, suite
+from ddpm_jax.models import torch_weights, unet
+from ddpm_jax.runtime.parallel import make_mesh
 from tests.torch_ref_inception import BasicConv2d, FIDInceptionV3 as TorchFIDInceptionV3
 from tests.train_helpers import tiny_config
 
@@ -80,7 +81,7 @@ def ported():
     _randomize(reference, seed=1)
     model = inception.FIDInceptionV3()
     variables = torch_weights.inception_variables(reference.state_dict(),
-                                             inception.variables_template(model))
+                                                  inception.variables_template(model))
     return reference, model, variables
 
 
@@ -189,7 +190,7 @@ def test_pth_file_round_trip_and_scorer_inputs(ported, tmp_path):
     rng = np.random.RandomState(0)
     stats_path = str(tmp_path / "stats.npz")
     np.savez(stats_path, mu=rng.normal(size=2048), sigma=np.eye(2048))  # pytorch-fid's keys
-    scorer = evaluation.InceptionScorer(path, reference_stats_path=stats_path)
+    scorer = suite.InceptionScorer(path, reference_stats_path=stats_path)
     np.testing.assert_array_equal(scorer.reference.cov, np.eye(2048))
     images = rng.uniform(-1, 1, (2, 28, 28, 1)).astype(np.float32)
     expected = _torch_features(reference, images)
@@ -203,14 +204,14 @@ def test_evaluator_reports_inception_fid(ported, fashion_mnist_dirs, tmp_path):
     reference, _, _ = ported
     config = tiny_config(fashion_mnist_dirs, sampling__sampler="ddim", sampling__steps=2)
     config.unlock()
-    config.eval = evaluation.default_config()
+    config.eval = suite.default_config()
     config.eval.update(fid_every=10, fid_num_samples=4, fid_reference_images=4,
                        inception_weights=str(tmp_path / "weights.pth"))
     torch.save(reference.state_dict(), config.eval.inception_weights)
     params = unet.create_model(config).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))["params"]
     lines = []
-    evaluator = evaluation.Evaluator(config, make_mesh(), log_fn=lines.append)
+    evaluator = suite.Evaluator(config, make_mesh(), log_fn=lines.append)
     scores = evaluator(params, 10)
     assert np.isfinite(scores["eval/inception_fid"]) and scores["eval/inception_fid"] > 0
     assert "eval/classifier_fd" not in scores and "Inception FID" in lines[0]

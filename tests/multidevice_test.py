@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import metrics_writer, training
+from ddpm_jax.runtime import metrics_writer
+from ddpm_jax.training import loop
 from tests.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
                                  subprocess_env, tiny_config, train_py)
 
@@ -20,7 +21,7 @@ def one_device(fashion_mnist_dirs, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one_device")
     config = tiny_config(fashion_mnist_dirs, training__num_train_steps=STEPS,
                          training__log_every=1, training__checkpoint_every=STEPS)
-    result = training.train(config, str(workdir))
+    result = loop.train(config, str(workdir))
     return config, losses(workdir), jax.tree.map(np.asarray, result.state.params)
 
 

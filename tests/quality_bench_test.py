@@ -6,8 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import (evaluation, fid, input_pipeline, parallel, torch_weights, train_state,
-                      training, unet)
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.evaluation import fid, suite
+from ddpm_jax.models import torch_weights, unet
+from ddpm_jax.runtime import parallel
+from ddpm_jax.training import loop, train_state, train_step
 from ddpm_jax.schedules import make_schedule
 from tests.train_helpers import REPO, enable_compilation_cache, tiny_config
 
@@ -19,7 +22,7 @@ import quality_variants  # noqa: E402
 
 def test_design_and_project_train_on_the_same_draws(fashion_mnist_dirs):
     """Same initial weights, real batches, and the timesteps and noise of
-    `training.step_draws`: the design's PyTorch loss equals the jitted step's to float
+    `train_step.step_draws`: the design's PyTorch loss equals the jitted step's to float
     rounding at every step, while one timestep off already changes it by far more."""
     enable_compilation_cache()
     config = tiny_config(fashion_mnist_dirs)
@@ -33,14 +36,14 @@ def test_design_and_project_train_on_the_same_draws(fashion_mnist_dirs):
     state = jax.device_put(state.replace(params=copy(params0), ema_params=copy(params0),
                                          opt_state=optimizer.init(params0)),
                            parallel.replicated(mesh))
-    step_fn = training.make_train_step(config, model, schedule, optimizer, mesh)
-    batches = input_pipeline.TrainIterator(training.open_train_source(config),
+    step_fn = train_step.make_train_step(config, model, schedule, optimizer, mesh)
+    batches = input_pipeline.TrainIterator(loop.open_train_source(config),
                                            config.training.batch_size, config.seed,
                                            random_flip=config.data.random_flip)
     for _ in range(4):
         batch = next(batches)
-        t, noise = jax.device_get(training.step_draws(state.rng, state.step, batch,
-                                                      schedule.num_timesteps)[1:3])
+        t, noise = jax.device_get(train_step.step_draws(state.rng, state.step, batch,
+                                                        schedule.num_timesteps)[1:3])
         state, metrics = step_fn(state, parallel.global_batch(batch, mesh))
         loss = float(metrics["loss"])
         assert design.train_step(batch, t, noise) == pytest.approx(loss, abs=2e-6)
@@ -141,7 +144,7 @@ def test_recipes_override_existing_fields_only(monkeypatch):
 
 def test_npz_data_and_msgpack_classifier(tmp_path):
     """The carried forms of the data and the classifier read back as the originals."""
-    from ddpm_jax import classifier
+    from ddpm_jax.evaluation import classifier
     rng = np.random.default_rng(0)
     arrays = {f"{split}_images": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
               for split, n in (("train", 40), ("test", 10))}
@@ -165,13 +168,13 @@ def test_npz_data_and_msgpack_classifier(tmp_path):
 
 def test_scores_and_features_match_the_plain_scores(fashion_mnist_dirs, tmp_path):
     """The features handed to the bootstrap are the ones behind the reported distance."""
-    from ddpm_jax import classifier
+    from ddpm_jax.evaluation import classifier
     config = tiny_config(fashion_mnist_dirs)
-    images = evaluation.load_split_images(config, "test", 200)
+    images = suite.load_split_images(config, "test", 200)
     model = classifier.Classifier(num_classes=10, features=(4,), hidden=8)
     params = model.init(jax.random.key(0), images[:1])["params"]  # an untrained one will do
     classifier.save_classifier(str(tmp_path), model, params, {})
-    scorer = evaluation.ClassifierScorer(str(tmp_path), images)
+    scorer = suite.ClassifierScorer(str(tmp_path), images)
     scores, features = scorer.scores_and_features(images[:100])
     assert scores == scorer(images[:100])
     assert scores["classifier_fd"] == pytest.approx(fid.frechet_distance(

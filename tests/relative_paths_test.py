@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import checkpointing, config_validation, storage
+from ddpm_jax import config_validation
+from ddpm_jax.runtime import storage
+from ddpm_jax.training import checkpointing
 from tests.train_helpers import (REPO, run_train_py, sigterm_at, subprocess_env, tiny_config,
                                  train_py)
 

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import (checkpointing, metrics_writer, parallel, preemption, train_state, training,
-                      unet)
+from ddpm_jax.models import unet
+from ddpm_jax.runtime import metrics_writer, parallel
+from ddpm_jax.training import checkpointing, loop, preemption, train_state, train_step
 from ddpm_jax.schedules import make_schedule
 from tests.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
                                  sigterm_at, subprocess_env, tiny_config, train_py)
@@ -23,7 +24,7 @@ def reference(fashion_mnist_dirs, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
     config = tiny_config(fashion_mnist_dirs, training__num_train_steps=STEPS,
                          training__log_every=1, training__checkpoint_every=4)
-    result = training.train(config, str(workdir))
+    result = loop.train(config, str(workdir))
     assert result.status == "completed" and result.step == STEPS
     return config, workdir, jax.tree.map(np.asarray, result.state)
 
@@ -66,22 +67,22 @@ def test_steps_per_call_preempted_then_resumed_is_bitwise_the_uninterrupted_run(
     config = single_config.copy_and_resolve_references()
     config.training.steps_per_call = 4
     config.training.log_every = 4
-    uninterrupted = training.train(config, str(tmp_path / "whole"))
+    uninterrupted = loop.train(config, str(tmp_path / "whole"))
     assert uninterrupted.step == STEPS
 
     stop = threading.Event()
 
     def stop_after_six_batches(source, start_step):
-        with training.default_iterator_factory(config)(source, start_step) as batches:
+        with loop.default_iterator_factory(config)(source, start_step) as batches:
             for read, batch in enumerate(batches, start=start_step + 1):
                 if read == 6:  # inside the second call (steps 5-8)
                     stop.set()
                 yield batch
-    first = training.train(config, str(tmp_path / "cut"), stop_event=stop,
-                           iterator_factory=stop_after_six_batches)
+    first = loop.train(config, str(tmp_path / "cut"), stop_event=stop,
+                       iterator_factory=stop_after_six_batches)
     assert (first.status, first.step) == ("preempted", 8)
     assert sorted(os.listdir(tmp_path / "cut" / "checkpoints"), key=int) == ["4", "8"]
-    resumed = training.train(config, str(tmp_path / "cut"))
+    resumed = loop.train(config, str(tmp_path / "cut"))
     assert (resumed.status, resumed.step) == ("completed", STEPS)
 
     whole = jax.tree.map(np.asarray, uninterrupted.state)
@@ -107,7 +108,7 @@ def test_truncated_newest_checkpoint_falls_back_and_still_ends_bitwise_equal(
     config, _, reference_state = reference
     first = config.copy_and_resolve_references()
     first.training.num_train_steps = 8
-    training.train(first, str(tmp_path))
+    loop.train(first, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
     step_dir = tmp_path / "checkpoints" / "8"
     victim = max((os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs),
@@ -115,7 +116,7 @@ def test_truncated_newest_checkpoint_falls_back_and_still_ends_bitwise_equal(
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 3)
 
-    result = training.train(config, str(tmp_path))
+    result = loop.train(config, str(tmp_path))
     assert result.step == STEPS
     assert f"Skipping checkpoint {step_dir}: file " in caplog.text
     assert "Resuming from checkpoint" in caplog.text and "skipped step 8" in caplog.text
@@ -126,7 +127,7 @@ def test_truncated_newest_checkpoint_falls_back_and_still_ends_bitwise_equal(
 def _nan_at(config, bad_step):
     """An iterator factory of the config's batches, but all NaN for step `bad_step` (1-based)."""
     def factory(source, start_step):
-        with training.default_iterator_factory(config)(source, start_step) as batches:
+        with loop.default_iterator_factory(config)(source, start_step) as batches:
             for step, batch in enumerate(batches, start=start_step + 1):
                 yield np.full_like(batch, np.nan) if step == bad_step else batch
     return factory
@@ -137,7 +138,7 @@ def test_nan_step_leaves_the_state_unchanged_but_the_counters(reference):
     model, optimizer = unet.create_model(config), train_state.make_optimizer(config)
     mesh = parallel.make_mesh()
     schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
-    step = training.make_train_step(config, model, schedule, optimizer, mesh)
+    step = train_step.make_train_step(config, model, schedule, optimizer, mesh)
     state = jax.jit(lambda k: train_state.create_train_state(config, model, optimizer, k),
                     out_shardings=parallel.replicated(mesh))(jax.random.key(0))
     before = jax.tree.map(np.asarray, state)
@@ -153,7 +154,7 @@ def test_nan_step_leaves_the_state_unchanged_but_the_counters(reference):
 def test_nan_batch_is_skipped_and_counted(reference, tmp_path, caplog):
     config = reference[0].copy_and_resolve_references()
     config.training.num_train_steps = 6
-    result = training.train(config, str(tmp_path), iterator_factory=_nan_at(config, 4))
+    result = loop.train(config, str(tmp_path), iterator_factory=_nan_at(config, 4))
     assert result.status == "completed" and int(result.state.skipped_steps) == 1
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(result.state.params))
     rows = {r["step"]: r for r in metrics_writer.read_metrics(str(tmp_path))}
@@ -170,8 +171,8 @@ def test_nan_batch_with_policy_stop_names_the_step_and_keeps_the_last_good_check
     config.training.nan_policy = "stop"
     config.training.log_every = 3
     config.training.checkpoint_every = 2
-    with pytest.raises(training.NonFiniteError) as error:
-        training.train(config, str(tmp_path), iterator_factory=_nan_at(config, 5))
+    with pytest.raises(loop.NonFiniteError) as error:
+        loop.train(config, str(tmp_path), iterator_factory=_nan_at(config, 5))
     assert error.value.step == 5
     assert str(error.value).startswith(
         f"non-finite loss or gradient at step 5 (config.training.nan_policy='stop'); the newest "
@@ -224,12 +225,12 @@ def test_host_runs_at_most_two_calls_ahead_so_a_stop_waits_for_two(reference, tm
     config.training.num_train_steps = 24
     config.training.log_every = config.training.checkpoint_every = 24  # no device read before
     dispatched = []  # one output of each call, in order
-    record = training._Loop.record
+    record = loop._Loop.record
 
     def recording(loop, step, metrics, count=1):
         dispatched.append(metrics["loss"])
         record(loop, step, metrics, count)
-    monkeypatch.setattr(training._Loop, "record", recording)
+    monkeypatch.setattr(loop._Loop, "record", recording)
     shown = []  # (the bar's step, steps computed then, steps dispatched then)
 
     def bar(console, step):
@@ -239,14 +240,14 @@ def test_host_runs_at_most_two_calls_ahead_so_a_stop_waits_for_two(reference, tm
     stop, behind = threading.Event(), []
 
     def watch(source, start_step):
-        with training.default_iterator_factory(config)(source, start_step) as batches:
+        with loop.default_iterator_factory(config)(source, start_step) as batches:
             for read, batch in enumerate(batches):
                 if read % steps_per_call == 0:  # the first batch of the next call
                     behind.append(sum(not out.is_ready() for out in dispatched))
                     if len(dispatched) == 3:
                         stop.set()
                 yield batch
-    result = training.train(config, str(tmp_path), stop_event=stop, iterator_factory=watch)
+    result = loop.train(config, str(tmp_path), stop_event=stop, iterator_factory=watch)
     assert len(behind) == 4 and max(behind) <= 1, behind  # + the call being read: two
     assert (result.status, result.step) == ("preempted", 4 * steps_per_call)
     assert os.listdir(tmp_path / "checkpoints") == [str(4 * steps_per_call)]

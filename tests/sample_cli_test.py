@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from configs import tiny
-from ddpm_jax import checkpointing, images
+from ddpm_jax.runtime import images
+from ddpm_jax.training import checkpointing
 from tests import torch_ref_unet
 from tests.train_helpers import filled_train_state
 

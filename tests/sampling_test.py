@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_jax import torch_weights, diffusion, images, sampling, schedules
-from ddpm_jax.unet import Unet
+from ddpm_jax import diffusion, sampling, schedules
+from ddpm_jax.models import torch_weights
+from ddpm_jax.runtime import images
+from ddpm_jax.models.unet import Unet
 from tests import torch_ref_diffusion as ref
 from tests.train_helpers import subprocess_env
 
@@ -182,7 +184,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
     from ddpm_jax import sampling, schedules
-    from ddpm_jax.unet import Unet
+    from ddpm_jax.models.unet import Unet
     assert jax.device_count() == 8, jax.devices()
     from tests.sampling_test import random_params
     model = Unet(dim=8, dim_mults=(1, 2), channels=1)

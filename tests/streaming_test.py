@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import datasets, input_pipeline as ip, streaming, training
+from ddpm_jax.data import datasets, input_pipeline as ip, streaming
+from ddpm_jax.training import loop
 from tests import tiny_tfds
 from tests.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
                                  sigterm_at, subprocess_env, tiny_config, train_py)
@@ -100,7 +101,7 @@ def test_sigterm_and_resume_on_the_streaming_path_is_bitwise_uninterrupted(
                          data__channels=3, data__in_memory_max_bytes=0, data__worker_count=0,
                          training__num_train_steps=12, training__log_every=1,
                          training__checkpoint_every=4)
-    reference = training.train(config, str(tmp_path / "reference"))
+    reference = loop.train(config, str(tmp_path / "reference"))
     assert reference.step == 12
     config.data.worker_count = 1
     workdir = tmp_path / "run"

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from ddpm_jax import datasets, input_pipeline as ip, streaming
+from ddpm_jax.data import datasets, input_pipeline as ip, streaming
 from tests import tiny_tfds
 from tests.train_helpers import subprocess_env
 
@@ -133,7 +133,8 @@ def test_a_read_only_source_names_the_field_to_set_and_the_tfds_command(tfrecord
 _PROCESS = """
 import logging, sys, time
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-from ddpm_jax import input_pipeline, parallel
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.runtime import parallel
 parallel.maybe_initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 time.sleep(float(sys.argv[5]))
 source = input_pipeline.open_source(sys.argv[3], image_size=16, channels=3, data_dir=sys.argv[4],

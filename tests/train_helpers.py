@@ -11,7 +11,9 @@ import jax
 import numpy as np
 
 from configs import tiny
-from ddpm_jax import checkpointing, parallel, train_state, unet
+from ddpm_jax.models import unet
+from ddpm_jax.runtime import parallel
+from ddpm_jax.training import checkpointing, train_state
 
 REPO = Path(__file__).resolve().parents[1]
 # Shared by the test processes and kept between test sessions (.cache/ is ignored by git):
@@ -112,7 +114,7 @@ def restored_state(workdir: Path, config):
 
 
 def losses(workdir: Path) -> Dict[int, Optional[float]]:
-    from ddpm_jax.metrics_writer import read_metrics
+    from ddpm_jax.runtime.metrics_writer import read_metrics
     return {row["step"]: row["loss"] for row in read_metrics(str(workdir)) if "loss" in row}
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from flax import linen as nn
 from flax import traverse_util
 
-from ddpm_jax import unet, unet_checks
+from ddpm_jax.models import unet, unet_checks
 from ddpm_jax.convert import abstract_params, torch_to_flax
 from tests import torch_ref_unet as ref
 
@@ -290,6 +290,6 @@ def test_bad_architecture_is_rejected_at_construction(kwargs, message):
 def test_groups_that_divide_every_channel_count_are_accepted():
     unet_checks.validate_unet_config(32, **CIFAR_ARCH)
     unet_checks.validate_unet_config(28, dim=28, dim_mults=(1, 2, 4), use_convnext=False,
-                              resnet_block_groups=7)
+                                     resnet_block_groups=7)
     unet_checks.validate_unet_config(28, dim=28, dim_mults=(1, 2, 4), with_time_emb=False,
-                              init_dim=5)
+                                     init_dim=5)

@@ -26,7 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ddpm_jax import datasets
+from ddpm_jax.data import datasets
 
 # Stream tags keep the permutation and flip generators apart although both are seeded by ints.
 _PERMUTATION_STREAM, _FLIP_STREAM = 0, 1

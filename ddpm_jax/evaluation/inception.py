@@ -29,7 +29,8 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from ddpm_jax import parallel, torch_weights
+from ddpm_jax.models import torch_weights
+from ddpm_jax.runtime import parallel
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")

@@ -16,7 +16,7 @@ import functools
 import signal
 import sys
 
-from ddpm_jax import input_pipeline
+from ddpm_jax.data import input_pipeline
 
 
 def _allow_unparsed_absl_flags() -> None:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax.unet import Unet
+from ddpm_jax.models.unet import Unet
 
 
 @flax.struct.dataclass

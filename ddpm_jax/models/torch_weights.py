@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from ddpm_jax.unet import Unet
+from ddpm_jax.models.unet import Unet
 
 _KERNEL_TO_FLAX = {4: (2, 3, 1, 0), 2: (1, 0)}  # PyTorch axis order -> Flax, by ndim
 _KERNEL_TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0)}

@@ -1,37 +1,30 @@
-"""Test-set bits/dim and sample quality of a model, on demand or every K training steps.
+"""Sample quality and bits/dim of a model, on demand or every K training steps.
 
-Bits/dim is the full DDPM variational bound (`likelihood.calc_bpd_loop`: the
-prior term, the T-1 KL terms and the discretized decoder) of each held-out
-image, reported as the mean and its standard error. Image i draws its noise
-from `fold_in(PRNGKey(eval.seed), i)`, so its bound does not depend on the
-batch size, on padding or on the device count, and the same images get the
-same noise at every evaluation: differences between steps are the model's.
-
-Sample quality is the Fréchet distance between features of generated images
-and of the held-out split, in the penultimate layer of the project's own
-classifier (`ddpm_jax.classifier`, comparable only between runs that use the
-same classifier), with the class histogram of the samples (mode coverage). When the user
-provides pytorch-fid's Inception weights (`eval.inception_weights`), the
-standard Inception FID (`ddpm_jax.inception`) is reported too: the number to
-compare with papers, against the training split or precomputed statistics.
-Samples are quantized to 8 bits first, as saved images are.
+Bits/dim is `bpd.bits_per_dim`. Sample quality is the Fréchet distance between
+features of generated images and of the held-out split, in the penultimate layer
+of the project's own classifier (`classifier`, comparable only between runs that
+use the same classifier), with the class histogram of the samples (mode
+coverage). When the user provides pytorch-fid's Inception weights
+(`eval.inception_weights`), the standard Inception FID (`inception`) is reported
+too: the number to compare with papers, against the training split or
+precomputed statistics. Samples are quantized to 8 bits first, as saved images
+are.
 
 Everything runs jitted on a 1-D 'data' mesh: the batch split over devices,
 parameters replicated, results replicated so every process can read them.
 """
 import logging
-import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax import (classifier, conditional_eval, fid, inception, input_pipeline, likelihood,
-                      parallel, sampling, unet)
-from ddpm_jax.schedules import DiffusionSchedule, schedule_from_config
+from ddpm_jax import sampling
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.evaluation import bpd, classifier, conditional_eval, fid, inception
+from ddpm_jax.models import unet
+from ddpm_jax.schedules import schedule_from_config
 
 log = logging.getLogger(__name__)
 
@@ -73,77 +66,6 @@ def validate_config(eval_config) -> None:
 
 
 # --- Bits per dimension ---------------------------------------------------------------------
-
-def per_image_bpd(schedule: DiffusionSchedule, apply_fn: sampling.ApplyFn, params, images,
-                  indices, key, objective: str = "eps") -> Dict[str, jnp.ndarray]:
-    """The bound of each image [B] with its own key `fold_in(key, index)`, in bits/dim, of a
-    network trained on `objective`.
-
-    Returns `total_bpd`, `prior_bpd`, `decoder_bpd` (L_0) and `kl_bpd` (the
-    T-1 KL terms summed), each [B]; total = prior + decoder + kl.
-    """
-    def one(image, index):
-        out = likelihood.calc_bpd_loop(schedule, lambda x, t: apply_fn(params, x, t),
-                                       image[None], jax.random.fold_in(key, index), objective)
-        terms = out["terms_bpd"][0]
-        return {"total_bpd": out["total_bpd"][0], "prior_bpd": out["prior_bpd"][0],
-                "decoder_bpd": terms[0], "kl_bpd": jnp.sum(terms[1:])}
-    return jax.vmap(one)(images, indices)
-
-
-def _per_image_bpd_sharded(schedule, params, images, indices, key, *, apply_fn, mesh,
-                           objective):
-    out = per_image_bpd(schedule, apply_fn, params, images, indices, key, objective)
-    return jax.lax.with_sharding_constraint(out, parallel.replicated(mesh))
-
-
-_per_image_bpd_jit = jax.jit(_per_image_bpd_sharded,
-                             static_argnames=("apply_fn", "mesh", "objective"))
-
-
-def bits_per_dim(apply_fn: sampling.ApplyFn, params, schedule: DiffusionSchedule,
-                 images: np.ndarray, *, mesh: Mesh, seed: int = 0, batch_size: int = 64,
-                 objective: str = "eps",
-                 progress: Optional[Callable[[sampling.Progress], None]] = None
-                 ) -> Dict[str, np.ndarray]:
-    """Per-image bound terms (numpy [N] each, see `per_image_bpd`) of images [N, H, W, C],
-    for a network trained on `objective`.
-
-    The images go in fixed batches of min(batch_size, N) rounded up to a
-    multiple of the device count (one compilation); the last batch is padded
-    and its padding dropped. `progress` is called after each batch (its
-    elapsed time includes the first batch's compilation).
-    """
-    replicated = parallel.replicated(mesh)
-    params, schedule = jax.device_put((params, schedule), replicated)
-    key = jax.device_put(jax.random.PRNGKey(seed), replicated)
-    started = time.perf_counter()
-
-    def report(done_batches, num_batches, done_images):
-        if progress is not None:
-            progress(sampling.Progress(done_batches, num_batches, done_images, len(images),
-                                       time.perf_counter() - started))
-
-    def run(batch, indices):
-        return _per_image_bpd_jit(schedule, params, batch, indices, key, apply_fn=apply_fn,
-                                  mesh=mesh, objective=objective)
-
-    return parallel.map_batches(run, [images, np.arange(len(images), dtype=np.int32)],
-                                batch_size, mesh=mesh, progress=report)
-
-
-def summarize_bpd(per_image: Dict[str, np.ndarray]) -> Dict[str, float]:
-    """Mean of each term, and the standard error of the mean of the total."""
-    total = per_image["total_bpd"].astype(np.float64)
-    n = len(total)
-    stderr = float(np.std(total, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-    return {"bpd": float(total.mean()), "bpd_stderr": stderr,
-            "bpd_prior": float(np.mean(per_image["prior_bpd"])),
-            "bpd_decoder": float(np.mean(per_image["decoder_bpd"])),
-            "bpd_kl": float(np.mean(per_image["kl_bpd"])), "bpd_num_images": n}
-
-
-# --- Sample quality -------------------------------------------------------------------------
 
 def quantize(images: np.ndarray) -> np.ndarray:
     """Clip to [-1, 1] and round to the 256 levels of an 8-bit image, as a saved PNG holds it."""
@@ -268,10 +190,10 @@ class Evaluator:
 
     def bits_per_dim(self, params, progress=None) -> Dict[str, float]:
         e = self.config.eval
-        per_image = bits_per_dim(self.apply_fn, params, self.schedule, self.bpd_images,
-                                 mesh=self.mesh, seed=e.seed, batch_size=e.bpd_batch_size,
-                                 objective=self.config.diffusion.objective, progress=progress)
-        return summarize_bpd(per_image)
+        per_image = bpd.bits_per_dim(self.apply_fn, params, self.schedule, self.bpd_images,
+                                     mesh=self.mesh, seed=e.seed, batch_size=e.bpd_batch_size,
+                                     objective=self.config.diffusion.objective, progress=progress)
+        return bpd.summarize_bpd(per_image)
 
     def sample_quality(self, params, num_samples: Optional[int] = None,
                        guidance: Optional[float] = None, progress=None) -> Dict[str, float]:

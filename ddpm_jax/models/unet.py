@@ -12,12 +12,12 @@ biases), so that training from scratch starts where the design's does.
 
 Submodule names are the PyTorch attribute paths, with each '.' before a list
 index written '_': PyTorch's `downs.0.2.fn.norm.weight` is Flax's
-`downs_0_2/fn/norm/scale`. `ddpm_jax.torch_weights` relies on this to port weights.
+`downs_0_2/fn/norm/scale`. `ddpm_jax.models.torch_weights` relies on this to port weights.
 
 Beyond the design: `dropout` in the residual blocks (off by default), a
 compute `dtype` (e.g. bfloat16 activations with float32 parameters; GroupNorm
 statistics and softmax stay float32) and `num_classes` > 0, a class embedding
-added to the time embedding (`ddpm_jax.embeddings`); with 0 the network and its
+added to the time embedding (`ddpm_jax.models.embeddings`); with 0 the network and its
 parameters are exactly the design's.
 """
 import functools
@@ -28,9 +28,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax import conv
-from ddpm_jax.embeddings import ClassEmbedding, SinusoidalPositionEmbeddings, check_labels
-from ddpm_jax.unet_checks import check_architecture, check_image_size
+from ddpm_jax.models import conv
+from ddpm_jax.models.embeddings import ClassEmbedding, SinusoidalPositionEmbeddings, check_labels
+from ddpm_jax.models.unet_checks import check_architecture, check_image_size
 
 GROUP_NORM_EPSILON = 1e-5  # PyTorch's; Flax defaults to 1e-6.
 

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from ddpm_jax import parallel, storage
+from ddpm_jax.runtime import parallel, storage
 
 Params = Any
 

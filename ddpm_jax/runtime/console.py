@@ -62,7 +62,7 @@ def _drop_closed_loop_callbacks(unraisable) -> None:
 
 
 def progress_printer(label: str, enabled: bool = True) -> Callable:
-    """A `progress` callback for `sampling.generate` and `evaluation.bits_per_dim`: one line
+    """A `progress` callback for `sampling.generate` and `bpd.bits_per_dim`: one line
     per chunk with the images done, their rate and the time left (`label`: what a chunk is).
 
     One line per chunk rather than a tqdm bar: chunks take seconds to minutes each, are

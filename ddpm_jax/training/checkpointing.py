@@ -27,7 +27,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ddpm_jax import parallel, storage, train_state, unet
+from ddpm_jax.models import unet
+from ddpm_jax.runtime import parallel, storage
+from ddpm_jax.training import train_state
 
 CHECKPOINT_SUBDIR = "checkpoints"
 UNREADABLE_SUBDIR = "checkpoints_unreadable"

@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 from etils import epath
 
-from ddpm_jax import storage
+from ddpm_jax.runtime import storage
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """Sample quality of a class-conditional model, per class and over guidance scales.
 
 For samples generated with known labels, the project's classifier
-(`ddpm_jax.classifier`) says how often a sample of class k is recognised as
+(`ddpm_jax.evaluation.classifier`) says how often a sample of class k is recognised as
 k (`class_accuracy_k`; `class_accuracy` over all samples) and the Fréchet
 distance in its features is taken between the samples of class k and the
 held-out images of class k (`classifier_fd_k`; over all classes it is
-`evaluation.ClassifierScorer`'s `classifier_fd`). Swept over guidance
+`suite.ClassifierScorer`'s `classifier_fd`). Swept over guidance
 scales w with the same seed (the same noise for every w), it shows the
 fidelity/diversity trade of classifier-free guidance: accuracy rises with w,
 the Fréchet distance falls, then rises again as the samples lose variety.
@@ -18,7 +18,7 @@ from typing import Dict, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ddpm_jax import classifier, fid
+from ddpm_jax.evaluation import classifier, fid
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:

@@ -41,7 +41,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from ddpm_jax import storage
+from ddpm_jax.runtime import storage
 
 # The TFDS datasets that the configs and tests use, each prepared from its official files.
 TFDS_DATASETS = ("fashion_mnist", "mnist", "cifar10")
@@ -150,7 +150,7 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str, manual_dir: epath.Pat
     missing = [f for f in files if manual_dir is None or not (manual_dir / f).is_file()]
     if missing and not (allow_download and all(_reachable(files[f]) for f in missing)):
         raise MissingDataError(_missing_message(name, builder.data_dir, manual_dir, missing))
-    from ddpm_jax import console
+    from ddpm_jax.runtime import console
     log.info("Preparing TFDS dataset %r into %s (once; TFDS's progress bars with "
              "--verbosity=1)", name, builder.data_dir)
     tfds.display_progress_bar(console.verbose())  # its bars interleave, one per split and stage
@@ -204,7 +204,7 @@ def _array_record_copy(source: tfds.core.DatasetBuilder, name: str, data_dir: st
     import jax
     from etils import epath
 
-    from ddpm_jax import parallel
+    from ddpm_jax.runtime import parallel
     source_dir = epath.Path(source.data_dir)
     target = (source_dir if converted_data_dir is None
               else epath.Path(converted_data_dir) / source.info.full_name)

@@ -1,7 +1,7 @@
 """Where training metrics and sample grids go: JSONL, TensorBoard, PNG, the terminal.
 
 Only process 0 writes (`enabled=False` elsewhere). Every file goes through
-`ddpm_jax.storage` (etils epath), so a workdir may be local or `gs://`.
+`ddpm_jax.runtime.storage` (etils epath), so a workdir may be local or `gs://`.
 
 TensorBoard event files are written by tensorboardX, chosen on import cost:
 in a fresh process `from tensorboardX import SummaryWriter` takes 1.1 s and
@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from etils import epath
 
-from ddpm_jax import storage
+from ddpm_jax.runtime import storage
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -80,7 +80,7 @@ class MetricsWriter:
     interrupted run after its last checkpoint) are dropped, so that the file
     holds each step once, as the resumed run computes it. The first `flush` writes
     the file whole; later ones append the new lines to a local file and rewrite a
-    remote one (Cloud Storage objects cannot be appended to; see `ddpm_jax.storage`).
+    remote one (Cloud Storage objects cannot be appended to; see `ddpm_jax.runtime.storage`).
     """
 
     def __init__(self, workdir: str, *, enabled: bool, resume_step: int = 0):

@@ -6,7 +6,7 @@ design uses): `ncol = min(nrow, N)` images per row, `ceil(N / ncol)` rows,
     width  = ncol * (W + padding) + padding
     height = nrows * (H + padding) + padding
 pixels (`grid_size`). One channel gives a grayscale picture, three give RGB.
-Files are written through `ddpm_jax.storage` (local paths or `gs://`), their
+Files are written through `ddpm_jax.runtime.storage` (local paths or `gs://`), their
 directory created.
 """
 import math
@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from ddpm_jax import storage
+from ddpm_jax.runtime import storage
 
 CHANNELS = (1, 3)
 
