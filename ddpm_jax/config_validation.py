@@ -316,8 +316,8 @@ def _check_training(check: _Checker, num_devices: int, process_count: int) -> No
         batch_size = check.get("training.batch_size")
         _divisible(check, "training.batch_size", batch_size, num_devices, "devices")
         _divisible(check, "training.batch_size", batch_size, process_count, "processes")
-    check.integer("loop.num_train_steps", minimum=1, optional=True)
-    if check.get("loop.num_train_steps") is None:
+    check.integer("training.num_train_steps", minimum=1, optional=True)
+    if check.get("training.num_train_steps") is None:
         check.number("training.num_epochs", minimum=0.0, exclusive_minimum=True)
     for path in ("training.log_every", "training.checkpoint_every", "training.keep_checkpoints"):
         check.integer(path, minimum=1)
@@ -335,7 +335,7 @@ def _check_steps_per_call(check: _Checker) -> None:
     if not check.integer("training.steps_per_call", minimum=1):
         return
     k = check.get("training.steps_per_call")
-    paths = ["loop.num_train_steps", "training.log_every", "training.checkpoint_every",
+    paths = ["training.num_train_steps", "training.log_every", "training.checkpoint_every",
              "training.sample_every"]
     if "eval" in check.config:
         paths += ["eval.bpd_every", "eval.fid_every"]

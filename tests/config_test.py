@@ -98,9 +98,9 @@ BAD_VALUES = [
      "config.training.batch_size = 100: must be divisible by the 8 devices (each gets an equal "
      "share); e.g. 96 or 104"),
     ("training.batch_size", 0, {}, "config.training.batch_size = 0: must be in [1, inf)"),
-    ("loop.num_train_steps", -5, {},
+    ("training.num_train_steps", -5, {},
      "config.training.num_train_steps = -5: must be in [1, inf)"),
-    ("loop.num_train_steps", None, {"training.num_epochs": 0},
+    ("training.num_train_steps", None, {"training.num_epochs": 0},
      "config.training.num_epochs = 0: must be in (0.0, inf)"),
     ("training.log_every", 0, {}, "config.training.log_every = 0: must be in [1, inf)"),
     ("training.keep_checkpoints", 0, {},
@@ -125,7 +125,7 @@ BAD_VALUES = [
     ("training.log_every", 6, {"training.steps_per_call": 4},
      "config.training.log_every = 6: must be a multiple of config.training.steps_per_call = 4 "
      "(each compiled call runs 4 steps); e.g. 4 or 8, or a steps_per_call that divides 6"),
-    ("loop.num_train_steps", 42, {"training.steps_per_call": 4},
+    ("training.num_train_steps", 42, {"training.steps_per_call": 4},
      "config.training.num_train_steps = 42: must be a multiple of "
      "config.training.steps_per_call = 4"),
     ("eval.bpd_every", 10, {"training.steps_per_call": 4},
