@@ -55,6 +55,7 @@ from ddpm_jax.runtime import cpu_defaults  # noqa: E402
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
 import argparse  # noqa: E402
+import ast  # noqa: E402
 import concurrent.futures  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
@@ -148,6 +149,14 @@ def base_config(args):
     config.seed = args.seed
     if args.ema_start is not None:
         config.optim.ema_start = args.ema_start
+    for item in args.override:
+        field, _, value = item.partition("=")
+        *parents, name = field.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[name] = type(node[name])(ast.literal_eval(value) if not isinstance(node[name], str)
+                                      else value)
     return config
 
 
@@ -286,6 +295,8 @@ def run(args) -> dict:
     for name, net in networks.items():
         results["recipes"][name] = {"overrides": RECIPES[name], "objective": net.objective,
                                     "config": net.config.to_dict()}
+    print(f"set up in {time.perf_counter() - start:.0f} s (data, classifier, reference "
+          f"features, initial weights); compiling", flush=True)
     eval_variant = [parse_variant(f"raw-{args.eval_sampler}")] if args.eval_at else []
     results["seconds"]["compile"] = precompile(
         networks, {name: list(v.values()) + (eval_variant if name == REFERENCE_RECIPE else [])
@@ -465,6 +476,9 @@ def parse_args(argv=None):
     parser.add_argument("--ema_start", type=int, default=None,
                         help="config.optim.ema_start of the EMA variants (default: the config's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--override", nargs="*", default=(), metavar="SECTION.FIELD=VALUE",
+                        help="set fields of the base config, e.g. diffusion.timesteps=200 "
+                             "model.dim=16 (a field it lacks raises)")
     args = parser.parse_args(argv)
     if args.steps % args.steps_per_call:
         parser.error(f"--steps={args.steps} is not a multiple of --steps_per_call="

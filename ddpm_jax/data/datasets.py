@@ -156,8 +156,11 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str, manual_dir: epath.Pat
     tfds.display_progress_bar(console.verbose())  # its bars interleave, one per split and stage
     start = time.perf_counter()
     try:
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        # TFDS prints two lines of its own (sizes 'Unknown' for manual data): --verbosity=1.
+        with (contextlib.nullcontext() if console.verbose()
+              else contextlib.redirect_stdout(io.StringIO())):
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
         log.info("Prepared %r in %.0f s", name, time.perf_counter() - start)
     except AssertionError as e:  # TFDS asserts that a manual-only dataset's directory exists
         instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or ""

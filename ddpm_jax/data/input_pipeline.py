@@ -144,6 +144,28 @@ def open_config_source(data, split: str, split_field: str, folder_labels: bool =
         converted_data_dir=data.converted_data_dir or None)
 
 
+def describe(source: Source, data, split: str, num_classes: int = 0) -> str:
+    """One console line on what a run reads from config.data (`data`) and how, for the user
+    to check before the compile: dataset, split, images, their shape, classes, memory or disk."""
+    name = f"folder {data.folder}" if data.dataset == "folder" else data.dataset
+    shape = f"{data.image_size}x{data.image_size}x{data.channels}"
+    classes = f", {num_classes} classes" if num_classes else ""
+    if isinstance(source, datasets.TfdsSource):
+        workers = data.get("worker_count", 0)
+        how = (f"streamed from disk by {workers} Grain worker process(es)" if workers else
+               "streamed from disk by a thread")
+        limit = data.get("in_memory_max_bytes", IN_MEMORY_MAX_BYTES)
+        size = f"{_size(source.decoded_bytes)} decoded > in_memory_max_bytes {_size(limit)}"
+    else:
+        how, size = "decoded into memory", _size(source.images.nbytes)
+    return f"Data: {name} {split!r}, {len(source):,} images as {shape}{classes}; {how} ({size})"
+
+
+def _size(num_bytes: int) -> str:
+    return (f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else
+            f"{num_bytes / 2**20:.0f} MiB")
+
+
 def has_labels(source: Source) -> bool:
     """Whether `source.read_labeled` has labels to return (an in-memory or a streamed split)."""
     return (getattr(source, "labels", None) is not None

@@ -290,6 +290,8 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
              float(schedule.alphas_cumprod[-1]), d.objective, d.loss_weighting)
 
     source = open_train_source(config)  # before touching the workdir: data errors come first
+    log.info("%s", input_pipeline.describe(source, config.data, config.data.train_split,
+                                           config.model.num_classes))
     total_steps = num_train_steps(config, len(source))
     checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints)
     abstract = checkpointing.abstract_train_state(config, replicated)
@@ -316,6 +318,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
     if k > 1 and jax.default_backend() == "cpu":
         log.warning("config.training.steps_per_call = %d: XLA:CPU runs the scanned step about "
                     "4x slower than single steps (docs/speed.md); use 1 on a CPU", k)
+    log.info("Compiling the train step (on a CPU, minutes for the ConvNeXt configs)")
     compile_start = time.perf_counter()
     step_fn = train_step.make_train_step(config, model, schedule, optimizer, mesh, k).lower(
         abstract, *batch_abstract).compile()
