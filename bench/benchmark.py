@@ -317,7 +317,7 @@ class TorchSide:
 
     def __init__(self):
         import torch
-        from tests import torch_ref_unet
+        from tests.support import torch_ref_unet
         self.torch, self.ref = torch, torch_ref_unet
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":

@@ -2,8 +2,8 @@
 
 Trains one network per recipe (`quality_variants.RECIPES`: config overrides of --config,
 e.g. the terminal-SNR schedule, the v / x0 objectives, Min-SNR weighting) and, unless
---no_torch, the design itself (the tests' reference: `tests/torch_ref_unet.py` and the loop
-of `tests/torch_ref_diffusion.py`, Adam, no EMA, on the CPU), all from the design's initial
+--no_torch, the design itself (the tests' reference: `tests/support/torch_ref_unet.py` and the loop
+of `tests/support/torch_ref_diffusion.py`, Adam, no EMA, on the CPU), all from the design's initial
 weights, on the same batches and with the same timesteps and noise (`train_step.step_draws`),
 for --steps steps of --batch_size. The design and the `design` recipe are one run in two
 frameworks, and differ only by float rounding. Then samples --num_samples images of each
@@ -92,7 +92,7 @@ class Design:
     def __init__(self, config, seed: int, threads: int):
         import torch
 
-        from tests import torch_ref_diffusion, torch_ref_unet
+        from tests.support import torch_ref_diffusion, torch_ref_unet
         self.torch, self.ref, self.config = torch, torch_ref_diffusion, config
         m = config.model
         # On a CPU shared with other processes use one thread: two OpenMP threads wait on

@@ -24,8 +24,8 @@ from ddpm_jax.evaluation import classifier
 from ddpm_jax.models import embeddings, unet
 from ddpm_jax.training import loop, train_state, train_step
 from ddpm_jax.schedules import make_schedule
-from tests.multidevice_test import STEPS, _assert_same_run
-from tests.train_helpers import (REPO, enable_compilation_cache, losses, restored_state,
+from tests.parallel_test import STEPS, _assert_same_run
+from tests.support.train_helpers import (REPO, enable_compilation_cache, losses, restored_state,
                                  run_train_py, subprocess_env, tiny_config)
 
 NUM_CLASSES = 10
@@ -269,6 +269,7 @@ def test_conditional_steps_per_call_follow_single_steps(conditional_run, tmp_pat
         np.testing.assert_allclose(a, b, rtol=0, atol=bound)
 
 
+@pytest.mark.subprocess
 def test_conditional_step_on_eight_devices_matches_one(conditional_run, tmp_path):
     config, reference_losses, params, _, _ = conditional_run
     env = subprocess_env("--xla_force_host_platform_device_count=8")
@@ -285,6 +286,7 @@ def _command(script, *args, expect_ok=True):
     return done
 
 
+@pytest.mark.subprocess
 def test_sample_command_one_class_per_row(conditional_run, tmp_path):
     workdir = conditional_run[4]
     fast = ["--sampler=ddim", "--ddim_steps=2", f"--workdir={workdir}"]
@@ -302,6 +304,7 @@ def test_sample_command_one_class_per_row(conditional_run, tmp_path):
     assert "--class_label: '10' is not a class in 0..9" in done.stderr
 
 
+@pytest.mark.subprocess
 def test_evaluate_command_sweeps_guidance(conditional_run, tmp_path):
     """Every per-class number and the curve from one command (an untrained classifier: the
     numbers are checked for consistency, their values by the long run in docs/conditional.md)."""

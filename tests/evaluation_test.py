@@ -16,7 +16,7 @@ from ddpm_jax.evaluation import bpd, classifier, suite
 from ddpm_jax.models import unet
 from ddpm_jax.runtime.parallel import make_mesh
 from tests.likelihood_test import _numpy_bound
-from tests.train_helpers import subprocess_env, tiny_config
+from tests.support.train_helpers import subprocess_env, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMESTEPS, SHAPE = 12, (4, 4, 1)
@@ -71,6 +71,7 @@ def test_summary_mean_and_standard_error():
     assert summary["bpd_kl"] == pytest.approx(4 / 3) and summary["bpd_num_images"] == 3
 
 
+@pytest.mark.subprocess
 def test_same_bound_on_eight_devices():
     script = textwrap.dedent("""
         import json, sys

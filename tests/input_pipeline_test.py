@@ -206,7 +206,7 @@ def test_bad_arguments_name_the_field(fashion_mnist_dirs, train):
 def test_training_reports_a_missing_dataset_as_a_config_error(fashion_mnist_dirs):
     from ddpm_jax import config_validation
     from ddpm_jax.training import loop
-    from tests.train_helpers import tiny_config
+    from tests.support.train_helpers import tiny_config
     config = tiny_config(fashion_mnist_dirs, data__train_split="train[:110%]")
     with pytest.raises(config_validation.ConfigError,
                        match=r"config.data.train_split='train\[:110%\]' is not a split"):

@@ -10,8 +10,8 @@ from ddpm_jax import schedules
 from ddpm_jax.evaluation import suite
 from ddpm_jax.runtime import parallel
 from ddpm_jax.training import checkpointing, loop
-from tests.reliability_test import _assert_bitwise_equal
-from tests.train_helpers import enable_compilation_cache, filled_train_state, losses, tiny_config
+from tests.loop_test import _assert_bitwise_equal
+from tests.support.train_helpers import enable_compilation_cache, filled_train_state, losses, tiny_config
 
 STEPS = 4
 RECIPES = [("eps", "scaled", "min_snr"), ("x0", "zero", "none"), ("v", "zero", "min_snr")]

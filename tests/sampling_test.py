@@ -15,8 +15,10 @@ from ddpm_jax import diffusion, sampling, schedules
 from ddpm_jax.models import torch_weights
 from ddpm_jax.runtime import images
 from ddpm_jax.models.unet import Unet
-from tests import torch_ref_diffusion as ref
-from tests.train_helpers import subprocess_env
+from tests.support import torch_ref_diffusion as ref
+from tests.support.train_helpers import subprocess_env
+
+pytestmark = pytest.mark.newest_stack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (6, 6, 2)
@@ -196,6 +198,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 def test_same_images_on_one_and_eight_devices(tmp_path):
     """13 images on 8 simulated devices, in 2 padded chunks, against 1 device."""
     out = tmp_path / "eight.npz"

@@ -1,6 +1,6 @@
 """A TFDS split larger than config.data.in_memory_max_bytes, streamed by Grain.
 
-On a dataset built here (tests/tiny_tfds.py: 2,000 non-square 40x48 RGB images
+On a dataset built here (tests/support/tiny_tfds.py: 2,000 non-square 40x48 RGB images
 with labels), opened by name from its data directory with the threshold
 lowered so that it streams.
 """
@@ -12,8 +12,8 @@ import pytest
 
 from ddpm_jax.data import datasets, input_pipeline as ip, streaming
 from ddpm_jax.training import loop
-from tests import tiny_tfds
-from tests.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
+from tests.support import tiny_tfds
+from tests.support.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
                                  sigterm_at, subprocess_env, tiny_config, train_py)
 
 SIZE, GB = 16, 64
@@ -90,6 +90,7 @@ def test_two_processes_read_disjoint_halves_of_the_one_process_batch(data_dir):
         assert not set(indices[:GB // 2]) & set(indices[GB // 2:])
 
 
+@pytest.mark.subprocess
 def test_sigterm_and_resume_on_the_streaming_path_is_bitwise_uninterrupted(
         data_dir, fashion_mnist_dirs, tmp_path):
     """The reference streams in a thread of this process; train.py with 1 Grain worker process

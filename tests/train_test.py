@@ -13,10 +13,12 @@ from PIL import Image
 from ddpm_jax import config_validation
 from ddpm_jax.runtime import metrics_writer
 from ddpm_jax.training import loop
-from tests.train_helpers import (enable_compilation_cache, read_events, restored_state,
+from tests.support.train_helpers import (enable_compilation_cache, read_events, restored_state,
                                  run_train_py, subprocess_env, tiny_config)
 
 
+@pytest.mark.subprocess
+@pytest.mark.newest_stack
 def test_train_py_trains_then_resumes(fashion_mnist_dirs, tmp_path):
     workdir = tmp_path / "run"
     env = subprocess_env()

@@ -16,7 +16,9 @@ from flax import traverse_util
 
 from ddpm_jax.models import unet, unet_checks
 from ddpm_jax.convert import abstract_params, torch_to_flax
-from tests import torch_ref_unet as ref
+from tests.support import torch_ref_unet as ref
+
+pytestmark = pytest.mark.newest_stack
 
 ATOL = 1e-5       # forward outputs, float32
 GRAD_RTOL = 1e-4  # gradients, relative to each tensor's largest PyTorch gradient

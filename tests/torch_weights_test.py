@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from ddpm_jax import diffusion, schedules
 from ddpm_jax.models import torch_weights, unet
-from tests import torch_ref_unet as ref
+from tests.support import torch_ref_unet as ref
 
 FASHION = dict(dim=28, dim_mults=(1, 2, 4), channels=1)
 TINY = dict(dim=8, dim_mults=(1, 2), channels=1)
@@ -130,6 +130,7 @@ def test_file_without_a_state_dict_is_rejected(tmp_path):
         torch_weights.load_torch_checkpoint(str(path), unet.Unet(**TINY))
 
 
+@pytest.mark.subprocess
 def test_package_works_without_torch(tmp_path):
     """With torch unimportable, the model and the array converter work; only .pt needs it."""
     arrays = tmp_path / "state_dict.npz"

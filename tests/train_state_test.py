@@ -13,7 +13,7 @@ from ddpm_jax.runtime import parallel
 from ddpm_jax.training import checkpointing, loop, train_state, train_step
 from ddpm_jax.config_validation import ConfigError, validate_config
 from ddpm_jax.schedules import make_schedule
-from tests.train_helpers import enable_compilation_cache, filled_train_state, tiny_config
+from tests.support.train_helpers import enable_compilation_cache, filled_train_state, tiny_config
 
 CONFIGS = {"fashion": fashion, "cifar10": cifar10, "mnist": mnist, "tiny": tiny}
 

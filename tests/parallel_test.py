@@ -8,7 +8,7 @@ import pytest
 
 from ddpm_jax.runtime import metrics_writer
 from ddpm_jax.training import loop
-from tests.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
+from tests.support.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
                                  subprocess_env, tiny_config, train_py)
 
 STEPS = 4
@@ -39,6 +39,7 @@ def _assert_same_run(workdir, config, one_device_losses, one_device_params):
         np.testing.assert_allclose(a, b, rtol=0, atol=bound)
 
 
+@pytest.mark.subprocess
 def test_eight_simulated_devices_match_one(one_device, tmp_path):
     config, one_losses, one_params = one_device
     env = subprocess_env("--xla_force_host_platform_device_count=8")

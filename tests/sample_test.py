@@ -12,8 +12,10 @@ from PIL import Image
 from configs import tiny
 from ddpm_jax.runtime import images
 from ddpm_jax.training import checkpointing
-from tests import torch_ref_unet
-from tests.train_helpers import filled_train_state
+from tests.support import torch_ref_unet
+from tests.support.train_helpers import filled_train_state
+
+pytestmark = pytest.mark.newest_stack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = 7
@@ -51,6 +53,7 @@ def workdir(tmp_path_factory):
     return directory
 
 
+@pytest.mark.subprocess
 def test_grid_gif_and_npz(workdir, tmp_path):
     out = tmp_path / "out"
     done = _sample(f"--workdir={workdir}", "--num_images=10", "--nrow=4", "--seed=3",
@@ -83,6 +86,7 @@ def test_grid_gif_and_npz(workdir, tmp_path):
     assert Image.open(out / "raw.gif").n_frames == 3
 
 
+@pytest.mark.subprocess
 def test_dpmpp_grid_and_gif(workdir, tmp_path):
     done = _sample(f"--workdir={workdir}", "--num_images=4", "--sampler=dpmpp", "--steps=20",
                    f"--output={tmp_path}/grid.png", f"--save_npz={tmp_path}/samples.npz",
@@ -95,6 +99,7 @@ def test_dpmpp_grid_and_gif(workdir, tmp_path):
     assert Image.open(tmp_path / "denoise.gif").n_frames == 19
 
 
+@pytest.mark.subprocess
 def test_clip_denoised_flag(workdir, tmp_path):
     """--clip_denoised steps through x0 clipped to [-1, 1]: the images end in range."""
     for flag, clipped in (("--clip_denoised", True), ("--noclip_denoised", False)):
@@ -106,6 +111,7 @@ def test_clip_denoised_flag(workdir, tmp_path):
         assert (np.abs(samples).max() <= 1.0) == clipped
 
 
+@pytest.mark.subprocess
 def test_torch_checkpoint(tmp_path):
     config = _tiny_config()
     m = config.model
@@ -132,6 +138,7 @@ def test_torch_checkpoint(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("args, message", [
     ([], "give exactly one of --workdir"),
     (["--torch_checkpoint=/nonexistent/model.pt"], "--torch_checkpoint needs --config"),
@@ -144,6 +151,7 @@ def test_clear_errors_without_a_checkpoint(args, message):
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.subprocess
 def test_clear_errors_with_a_checkpoint(workdir, tmp_path):
     (tmp_path / "checkpoints").mkdir()
     for args, message in [

@@ -11,7 +11,7 @@ from ddpm_jax.models import unet
 from ddpm_jax.runtime import metrics_writer, parallel
 from ddpm_jax.training import checkpointing, loop, preemption, train_state, train_step
 from ddpm_jax.schedules import make_schedule
-from tests.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
+from tests.support.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
                                  sigterm_at, subprocess_env, tiny_config, train_py)
 
 STEPS = 12
@@ -36,6 +36,7 @@ def _assert_bitwise_equal(a, b):
         assert x.dtype == y.dtype and np.array_equal(x, y), "states differ"
 
 
+@pytest.mark.subprocess
 def test_sigterm_mid_run_then_resume_is_bitwise_the_uninterrupted_run(reference, tmp_path):
     config, reference_dir, reference_state = reference
     env = subprocess_env()

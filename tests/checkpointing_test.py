@@ -18,7 +18,9 @@ from ddpm_jax.runtime import parallel
 from ddpm_jax.training import checkpointing, train_state
 from ddpm_jax.training.checkpointing import (CheckpointError, Checkpointer, ConfigMismatchError,
                                              load_inference_params)
-from tests.train_helpers import REPO
+from tests.support.train_helpers import REPO
+
+pytestmark = pytest.mark.newest_stack
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +140,7 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path, config_and_state):
     assert "step 5: file" in message and "Move that directory away" in message
 
 
+@pytest.mark.subprocess
 def test_save_killed_halfway_leaves_the_previous_checkpoint(tmp_path):
     """SIGKILL while the second save is being written: that step never appears."""
     script = textwrap.dedent(f"""

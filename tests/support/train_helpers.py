@@ -15,7 +15,7 @@ from ddpm_jax.models import unet
 from ddpm_jax.runtime import parallel
 from ddpm_jax.training import checkpointing, train_state
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Shared by the test processes and kept between test sessions (.cache/ is ignored by git):
 # the tiny network's programs compile once per machine.
 COMPILATION_CACHE = REPO / ".cache" / "jax_compilation_cache_tests"

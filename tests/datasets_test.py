@@ -1,7 +1,7 @@
 """A TFDS dataset prepared in TFDS's default tfrecord format (no random access) is converted
 once to ArrayRecord and then reads bitwise as the same dataset prepared in ArrayRecord.
 
-On the dataset built here (tests/tiny_tfds.py), opened by name from its data
+On the dataset built here (tests/support/tiny_tfds.py), opened by name from its data
 directory, in memory and streamed by Grain.
 """
 import contextlib
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from ddpm_jax.data import datasets, input_pipeline as ip, streaming
-from tests import tiny_tfds
-from tests.train_helpers import subprocess_env
+from tests.support import tiny_tfds
+from tests.support.train_helpers import subprocess_env
 
 SIZE, GB = 16, 64
 VERSION_DIR = f"{tiny_tfds.NAME}/1.0.0"
@@ -112,6 +112,7 @@ def read_only(directory):
         directory.chmod(0o755)
 
 
+@pytest.mark.subprocess
 def test_a_read_only_source_names_the_field_to_set_and_the_tfds_command(tfrecord_dir,
                                                                        tmp_path):
     version_dir = tfrecord_dir / VERSION_DIR
@@ -143,6 +144,7 @@ print("read", len(source), int(source.read([3]).sum()), flush=True)
 """
 
 
+@pytest.mark.subprocess
 def test_in_a_two_process_run_process_0_converts_and_the_other_waits(tfrecord_dir):
     """Process 0 comes 3 s late: without the barrier, process 1 would take the machine's lock
     first and convert."""

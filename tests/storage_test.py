@@ -21,8 +21,8 @@ from PIL import Image
 
 from ddpm_jax.runtime import metrics_writer, storage
 from ddpm_jax.training import checkpointing
-from tests.reliability_test import _assert_bitwise_equal
-from tests.train_helpers import (REPO, read_events, restored_state, run_train_py,
+from tests.loop_test import _assert_bitwise_equal
+from tests.support.train_helpers import (REPO, read_events, restored_state, run_train_py,
                                  subprocess_env, tiny_config)
 
 BUCKET = "ddpm-test"
@@ -106,6 +106,7 @@ def _run(script, args, env, cwd, timeout=300) -> str:
     return result.stdout
 
 
+@pytest.mark.subprocess
 def test_training_evaluation_and_sampling_in_a_gs_workdir(fashion_mnist_dirs, gcs_emulator,
                                                           tmp_path):
     workdir = f"gs://{BUCKET}/runs/tiny"

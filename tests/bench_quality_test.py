@@ -12,7 +12,7 @@ from ddpm_jax.models import torch_weights, unet
 from ddpm_jax.runtime import parallel
 from ddpm_jax.training import loop, train_state, train_step
 from ddpm_jax.schedules import make_schedule
-from tests.train_helpers import REPO, enable_compilation_cache, tiny_config
+from tests.support.train_helpers import REPO, enable_compilation_cache, tiny_config
 
 sys.path.insert(0, str(REPO / "bench"))
 import quality  # noqa: E402
