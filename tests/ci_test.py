@@ -46,9 +46,9 @@ def test_newest_stack_runs_the_marked_upgrade_sensitive_tests():
     assert '"$NEWEST_STACK_TESTS"' in CI
     selected, everything = _collected(*selection), _collected()
     files = {node.split("::")[0] for node in selected}
-    assert {"tests/diffusion_test.py", "tests/likelihood_test.py", "tests/unet_test.py",
-            "tests/checkpointing_test.py", "tests/sampling_test.py",
-            "tests/sample_test.py"} <= files
+    assert {"tests/diffusion_test.py", "tests/likelihood_test.py", "tests/objectives_test.py",
+            "tests/dpm_solver_test.py", "tests/unet_test.py", "tests/checkpointing_test.py",
+            "tests/sampling_test.py", "tests/sample_test.py"} <= files
     assert [n for n in selected if n.startswith("tests/train_test.py")] == [
         "tests/train_test.py::test_train_py_trains_then_resumes"]
     assert 0.2 * len(everything) < len(selected) < 0.6 * len(everything)

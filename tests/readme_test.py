@@ -81,8 +81,13 @@ QUICK_START = [
          "--gif=diffusion.gif --gif_images=16 --save_npz=samples.npz", (),
          r"Wrote samples\.png \(.*\), samples\.npz, diffusion\.gif",
          ("samples.npz",)),
-    Step("python sample.py --workdir=workdir/fashion --sampler=ddim --ddim_steps=50 "
+    Step("python sample.py --workdir=workdir/fashion --sampler=ddim --steps=50 "
          "--ddim_eta=0.0", (), r"\(ddim, 50 steps, eta 0\.0"),
+    Step("python sample.py --workdir=workdir/fashion --sampler=dpmpp --steps=20", (),
+         r"\(dpmpp, 20 steps, order 2, time spacing(.*\n)*Wrote samples\.png"),
+    Step("python sample.py --workdir=workdir/fashion --sampler=dpmpp --steps=10 "
+         "--step_spacing=logsnr --solver_order=3", (),
+         r"\(dpmpp, 10 steps, order 3, logsnr spacing"),
 ]
 # docs/conditional.md's opening commands, after docs/evaluation.md's classifier command.
 CLASSIFIER = Step("python train_classifier.py --output_dir=classifiers/fashion_mnist",
@@ -118,6 +123,10 @@ SKIPPED: Dict[str, str] = {
     "raw-ddim50-clip":
         "71 minutes on a 2-core CPU; tests/bench_quality_test.py runs bench/quality.py on a "
         "tiny budget",
+    "python bench/stop_latency.py --after_s=40 -- --config=configs/fashion.py "
+    "--workdir=workdir/stop_measure":
+        "a measurement of minutes on the design's network; tests/loop_test.py tests the "
+        "bound it measures (at most two calls in flight)",
     "pip install -e .": "the environment the tests run in (.ci/run installs '.[test]')",
     "pip install -e '.[test]'": "the environment the tests run in (.ci/run installs it)",
     "pip install -e '.[cuda]'": "needs an NVIDIA GPU",

@@ -15,7 +15,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from ddpm_jax.models import unet, unet_checks
-from ddpm_jax.convert import abstract_params, torch_to_flax
+from ddpm_jax.models.torch_weights import abstract_params, torch_to_flax
 from tests.support import torch_ref_unet as ref
 
 pytestmark = pytest.mark.newest_stack
