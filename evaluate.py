@@ -8,7 +8,7 @@
         [--fid_reference_stats=cifar10_train_stats.npz]
 
 Settings come from the checkpoint's `config.eval` (defaults:
-`ddpm_jax.evaluation.default_config`), overridden by the flags. The numbers
+`ddpm_jax.evaluation.suite.default_config`), overridden by the flags. The numbers
 are printed, written as JSON to --output (default
 <workdir>/eval/step_<step>.json) and appended to <workdir>/eval/metrics.jsonl
 and TensorBoard (<workdir>/eval/tensorboard), apart from the training run's
@@ -20,11 +20,11 @@ For a class-conditional model, sample quality is measured at each
 classifier-free guidance scale of --guidance (e.g. 0,1,2,4; default
 config.sampling.guidance), every class equally often and the same noise for
 every scale, with per-class class accuracy and Fréchet distances
-(`ddpm_jax.conditional_eval`); the curve over the scales is also drawn to
+(`ddpm_jax.evaluation.conditional_eval`); the curve over the scales is also drawn to
 --curve (default <workdir>/eval/guidance_step_<step>.png) and TensorBoard.
 """
 
-from ddpm_jax import cpu_defaults
+from ddpm_jax.runtime import cpu_defaults
 
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
@@ -34,9 +34,11 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from etils import epath  # noqa: E402
 
-from ddpm_jax import (checkpointing, conditional_eval, config_validation, console,  # noqa: E402
-                      evaluation, images, parallel, sampling, storage)
-from ddpm_jax.metrics_writer import MetricsWriter  # noqa: E402
+from ddpm_jax import config_validation, sampling  # noqa: E402
+from ddpm_jax.evaluation import conditional_eval, suite  # noqa: E402
+from ddpm_jax.runtime import console, images, parallel, storage  # noqa: E402
+from ddpm_jax.training import checkpointing  # noqa: E402
+from ddpm_jax.runtime.metrics_writer import MetricsWriter  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's --workdir.", required=True)
@@ -77,7 +79,7 @@ flags.DEFINE_string("curve", None, "Conditional models: PNG of class accuracy an
 
 def _eval_config(config):
     """The checkpoint's config with a complete `eval` section and the flags applied."""
-    eval_config = evaluation.default_config()
+    eval_config = suite.default_config()
     if "eval" in config:
         eval_config.update(config.eval.to_dict())
     overrides = dict(split=FLAGS.split, seed=FLAGS.seed, bpd_batch_size=FLAGS.bpd_batch_size,
@@ -103,7 +105,7 @@ def _eval_config(config):
         config.sampling.steps = FLAGS.ddim_steps
     config_validation.resolve_paths(config)  # a stored relative path means the same here
     try:
-        sampling.check_settings(config.diffusion.timesteps, sampling.settings(config.sampling))
+        sampling.check_settings(config.diffusion.timesteps, sampling.settings(config))
     except ValueError as e:
         raise app.UsageError(f"--{e}") from None
     return config
@@ -141,8 +143,8 @@ def main(argv):
     say = print if primary else (lambda _: None)
     say(f"evaluating {FLAGS.workdir} at step {step} ({'EMA' if FLAGS.use_ema else 'raw'} "
         f"parameters) on {mesh.devices.size} device(s)")
-    evaluator = evaluation.Evaluator(config, mesh, with_bpd=bool(FLAGS.bpd_images),
-                                     with_sample_quality=bool(FLAGS.fid_samples))
+    evaluator = suite.Evaluator(config, mesh, with_bpd=bool(FLAGS.bpd_images),
+                                with_sample_quality=bool(FLAGS.fid_samples))
     guidances = _guidances(evaluator)
     scores, sweep = {}, {}
     if FLAGS.bpd_images:
@@ -152,10 +154,10 @@ def main(argv):
         progress = console.progress_printer("sampling chunk", primary)
         for w in guidances:
             sweep[w] = evaluator.sample_quality(params, guidance=w, progress=progress)
-            say(f"step {step}, guidance {w:g}: {evaluation.format_scores(sweep[w])}")
+            say(f"step {step}, guidance {w:g}: {suite.format_scores(sweep[w])}")
         scores.update(sweep[guidances[0]] if guidances
                       else evaluator.sample_quality(params, progress=progress))
-    say(f"step {step}: {evaluation.format_scores(scores)}")
+    say(f"step {step}: {suite.format_scores(scores)}")
 
     eval_dir = epath.Path(FLAGS.workdir) / "eval"
     writer = MetricsWriter(str(eval_dir), enabled=primary, resume_step=step)

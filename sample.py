@@ -23,7 +23,7 @@ A class-conditional model (config.model.num_classes > 0) takes --class_label
 image i's noise does not depend on w, so grids of different w compare.
 """
 
-from ddpm_jax import cpu_defaults
+from ddpm_jax.runtime import cpu_defaults
 
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
@@ -34,7 +34,7 @@ import time  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import console, storage  # noqa: E402
+from ddpm_jax.runtime import console, storage  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir: sample its newest "
                                "checkpoint.")
@@ -95,7 +95,7 @@ def _first_line(error: BaseException) -> str:
 
 def _load_workdir():
     """(config, params, step, source description) of --workdir's newest checkpoint."""
-    from ddpm_jax import checkpointing
+    from ddpm_jax.training import checkpointing
     try:
         config, params, step = checkpointing.load_inference_params(_WORKDIR.value, _USE_EMA.value)
     except checkpointing.CheckpointError as e:
@@ -108,7 +108,8 @@ def _load_torch():
     """(config, params, source description) of --torch_checkpoint with --config."""
     import pickle
 
-    from ddpm_jax import config_validation, convert, train_state
+    from ddpm_jax import config_validation
+    from ddpm_jax.models import torch_weights, unet
     path, config = _TORCH_CHECKPOINT.value, _CONFIG.value
     if config is None:
         _fail("--torch_checkpoint needs --config=configs/<name>.py describing its network")
@@ -120,7 +121,7 @@ def _load_torch():
     if not epath.Path(path).is_file():
         _fail(f"--torch_checkpoint={path}: no such file")
     try:
-        params = convert.load_torch_checkpoint(path, train_state.create_model(config))
+        params = torch_weights.load_torch_checkpoint(path, unet.create_model(config))
     except ValueError as e:  # the file holds another network, or no state_dict
         _fail(f"--torch_checkpoint={path}: {e}")
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
@@ -154,11 +155,11 @@ def _check_request(config) -> None:
 
 
 def _sampler_settings(config):
-    """`sampling.settings` of config.sampling with the sampler flags that were given."""
+    """`sampling.settings` of the config with the sampler flags that were given."""
     from ddpm_jax import sampling
     if _DDIM_STEPS.value is not None and _STEPS.value not in (None, _DDIM_STEPS.value):
         _fail("--steps and its older name --ddim_steps disagree; give --steps")
-    result = sampling.settings(config.sampling)
+    result = sampling.settings(config)
     overrides = {"sampler": _SAMPLER, "steps": _DDIM_STEPS if _STEPS.value is None else _STEPS,
                  "ddim_eta": _DDIM_ETA, "clip_denoised": _CLIP_DENOISED,
                  "solver_order": _SOLVER_ORDER, "step_spacing": _STEP_SPACING,
@@ -197,17 +198,19 @@ def main(argv):
               "their own config")
     storage.absolute_flags("workdir", "torch_checkpoint", "output", "save_npz", "gif")
     start = time.perf_counter()
-    from ddpm_jax import parallel
+    from ddpm_jax.runtime import parallel
     parallel.maybe_initialize_distributed()
     import jax
     import numpy as np
 
-    from ddpm_jax import config_validation, images, sampling, schedules, train_state, training
+    from ddpm_jax import config_validation, sampling, schedules
+    from ddpm_jax.models import unet
+    from ddpm_jax.runtime import images
 
     config, params, source = _load_workdir() if _WORKDIR.value else _load_torch()
     config_validation.resolve_paths(config)  # e.g. a stored '~/...' compilation cache
     _check_request(config)
-    training.configure_compilation_cache(config)
+    parallel.configure_compilation_cache(config)
     settings = _sampler_settings(config)
     num_images, nrow, conditional = _NUM_IMAGES.value, _NROW.value, {}
     num_classes = config.model.num_classes
@@ -247,9 +250,8 @@ def main(argv):
               f"on {jax.device_count()} {jax.devices()[0].platform} device(s), seed "
               f"{_SEED.value}", flush=True)
     result = sampling.generate(
-        sampling.ModelApply(train_state.create_model(config)), params, schedule, image_shape,
+        sampling.ModelApply(unet.create_model(config)), params, schedule, image_shape,
         num_images, seed=_SEED.value, **settings,
-        objective=config.diffusion.objective,
         trajectory_indices=range(gif_images), trajectory_frames=_GIF_FRAMES.value,
         chunk_size=_CHUNK_SIZE.value, progress=console.progress_printer("chunk", is_main),
         **conditional)

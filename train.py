@@ -18,7 +18,7 @@ themselves, elsewhere pass --coordinator_address, --num_processes and
 --process_id.
 """
 
-from ddpm_jax import cpu_defaults
+from ddpm_jax.runtime import cpu_defaults
 
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
@@ -31,8 +31,9 @@ from ml_collections import config_flags  # noqa: E402
 
 import jax  # noqa: E402
 
-from ddpm_jax import (checkpointing, config_validation, console, parallel,  # noqa: E402
-                      preemption, storage, training)
+from ddpm_jax import config_validation  # noqa: E402
+from ddpm_jax.runtime import console, parallel, storage  # noqa: E402
+from ddpm_jax.training import checkpointing, loop, preemption  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -76,11 +77,11 @@ def main(argv):
         for name, path in {"workdir": _WORKDIR.value,
                            **{f"config.{k}": v for k, v in resolved.items()}}.items():
             print(f"{name}: {path}", flush=True)
-    training.configure_compilation_cache(config)
+    parallel.configure_compilation_cache(config)
     try:
         with preemption.stop_on_signals() as stop:
-            result = training.train(config, _WORKDIR.value, stop_event=stop,
-                                    allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+            result = loop.train(config, _WORKDIR.value, stop_event=stop,
+                                allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except config_validation.ConfigError as e:
         sys.exit(f"error: {e}\n(set a field with --config.<section>.<field>=VALUE)")
     except checkpointing.SaveError as e:
@@ -88,7 +89,7 @@ def main(argv):
             traceback.print_exception(e)
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(os.EX_IOERR)
-    except (checkpointing.CheckpointError, training.NonFiniteError,
+    except (checkpointing.CheckpointError, loop.NonFiniteError,
             FileNotFoundError) as e:  # includes datasets.MissingDataError
         sys.exit(f"error: {e}")
     if result.status == "preempted":

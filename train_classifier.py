@@ -3,13 +3,13 @@
     python train_classifier.py --output_dir=classifiers/fashion_mnist
 
 Reads the dataset through TFDS (prepared offline from the official files, as
-training does), trains `ddpm_jax.classifier.Classifier`, prints the test
+training does), trains `ddpm_jax.evaluation.classifier.Classifier`, prints the test
 accuracy and saves the network with Orbax. The paths may be relative, `~/...`,
 absolute or gs://. A classifier below
 --min_accuracy is not saved: its features would make a poor yardstick.
 """
 
-from ddpm_jax import cpu_defaults
+from ddpm_jax.runtime import cpu_defaults
 
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
@@ -18,7 +18,9 @@ import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from ddpm_jax import classifier, console, input_pipeline, storage  # noqa: E402
+from ddpm_jax.data import input_pipeline  # noqa: E402
+from ddpm_jax.evaluation import classifier  # noqa: E402
+from ddpm_jax.runtime import console, storage  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Where to save the classifier.", required=True)

@@ -26,7 +26,7 @@ diffusion constants live on the device (the design's `extract` copies t to
 the host, a device sync, in every call), the sampling loops keep no
 trajectory, cuDNN autotuning is on and float32 matmuls may use TF32 (as JAX
 does by default on GPU). The CIFAR-10 config's dropout (not in the design)
-is added to the PyTorch ResNet blocks where `ddpm_jax.unet` has it. The JAX
+is added to the PyTorch ResNet blocks where `ddpm_jax.models.unet` has it. The JAX
 step does more work than the PyTorch loop: it also updates an EMA of the
 weights and checks loss and gradients for NaN/inf.
 
@@ -39,7 +39,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from ddpm_jax import cpu_defaults  # noqa: E402
+from ddpm_jax.runtime import cpu_defaults  # noqa: E402
 
 # As train.py and sample.py run, for JAX and PyTorch alike (before JAX starts).
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")
@@ -62,9 +62,12 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import flops  # noqa: E402  (bench/, on sys.path as this script's directory)
-from ddpm_jax import diffusion, parallel, train_state  # noqa: E402
+from ddpm_jax import diffusion  # noqa: E402
+from ddpm_jax.models import unet  # noqa: E402
+from ddpm_jax.runtime import parallel  # noqa: E402
+from ddpm_jax.training import train_state  # noqa: E402
 from report import markdown_table  # noqa: E402
-from ddpm_jax.training import make_train_step  # noqa: E402
+from ddpm_jax.training.train_step import make_train_step  # noqa: E402
 from ddpm_jax.schedules import make_schedule  # noqa: E402
 
 # Absent on the GPU machine (ml_collections travels there as a wheel, see run_gpu.sh).
@@ -120,14 +123,14 @@ def synthetic_images(config, batch: int, seed: int = 0) -> np.ndarray:
 
 class JaxTrainer:
     """A config's model, optimizer and schedule; its train step compiled on first use (ahead
-    of time, as `training.train` does, so that it cannot recompile). steps_per_call k > 1:
+    of time, as `loop.train` does, so that it cannot recompile). steps_per_call k > 1:
     the step program runs k steps on batches stacked [k, B, ...]."""
 
     def __init__(self, config, make_train_step, steps_per_call: int = 1):
         self.config, self._make_train_step, self.k = config, make_train_step, steps_per_call
         self._forward_flops = None
         self.mesh = parallel.make_mesh(jax.devices()[:1])
-        self.model = train_state.create_model(config)
+        self.model = unet.create_model(config)
         self.optimizer = train_state.make_optimizer(config)
         self.schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.timesteps)
         self._init = jax.jit(
@@ -314,7 +317,7 @@ class TorchSide:
 
     def __init__(self):
         import torch
-        from tests import torch_ref_unet
+        from tests.support import torch_ref_unet
         self.torch, self.ref = torch, torch_ref_unet
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
@@ -345,7 +348,7 @@ class TorchSide:
 
     def model(self, config):
         """The design's Unet for `config`, with dropout before each ResNet block's block2 (where
-        ddpm_jax.unet has it) when the config asks for dropout."""
+        ddpm_jax.models.unet has it) when the config asks for dropout."""
         torch, m = self.torch, config.model
         torch.manual_seed(0)
         net = self.ref.Unet(dim=m.dim, dim_mults=m.dim_mults, channels=config.data.channels,

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax import unet
+from ddpm_jax.models import unet
 
 # Dense (no sparsity) peak FLOP/s by device kind, from the vendors' datasheets:
 #   NVIDIA H100 / H200 SXM datasheets: BF16 tensor 989.4 T, TF32 tensor 494.7 T (the

@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from ddpm_jax import datasets, input_pipeline, streaming  # noqa: E402
+from ddpm_jax.data import datasets, input_pipeline, streaming  # noqa: E402
 
 
 class DdpmBenchImages(tfds.core.GeneratorBasedBuilder):

@@ -2,9 +2,9 @@
 
 Trains one network per recipe (`quality_variants.RECIPES`: config overrides of --config,
 e.g. the terminal-SNR schedule, the v / x0 objectives, Min-SNR weighting) and, unless
---no_torch, the design itself (the tests' reference: `tests/torch_ref_unet.py` and the loop
-of `tests/torch_ref_diffusion.py`, Adam, no EMA, on the CPU), all from the design's initial
-weights, on the same batches and with the same timesteps and noise (`training.step_draws`),
+--no_torch, the design itself (the tests' reference: `tests/support/torch_ref_unet.py` and the loop
+of `tests/support/torch_ref_diffusion.py`, Adam, no EMA, on the CPU), all from the design's initial
+weights, on the same batches and with the same timesteps and noise (`train_step.step_draws`),
 for --steps steps of --batch_size. The design and the `design` recipe are one run in two
 frameworks, and differ only by float rounding. Then samples --num_samples images of each
 variant of each network and scores them with the project's classifier: the Fréchet
@@ -50,7 +50,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from ddpm_jax import cpu_defaults  # noqa: E402
+from ddpm_jax.runtime import cpu_defaults  # noqa: E402
 
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
@@ -66,8 +66,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import serialization  # noqa: E402
 
-from ddpm_jax import (config_validation, convert, evaluation, images, input_pipeline,  # noqa: E402
-                      parallel, sampling, train_state, training)
+from ddpm_jax import config_validation, sampling  # noqa: E402
+from ddpm_jax.data import input_pipeline  # noqa: E402
+from ddpm_jax.evaluation import bpd, suite  # noqa: E402
+from ddpm_jax.models import torch_weights, unet  # noqa: E402
+from ddpm_jax.runtime import images, parallel  # noqa: E402
+from ddpm_jax.training import train_state, train_step  # noqa: E402
 from ddpm_jax.schedules import make_schedule  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -88,7 +92,7 @@ class Design:
     def __init__(self, config, seed: int, threads: int):
         import torch
 
-        from tests import torch_ref_diffusion, torch_ref_unet
+        from tests.support import torch_ref_diffusion, torch_ref_unet
         self.torch, self.ref, self.config = torch, torch_ref_diffusion, config
         m = config.model
         # On a CPU shared with other processes use one thread: two OpenMP threads wait on
@@ -187,7 +191,7 @@ class Network:
 
     def __init__(self, name: str, config, params0, mesh):
         self.name, self.config, self.mesh = name, config, mesh
-        self.model = train_state.create_model(config)
+        self.model = unet.create_model(config)
         self.optimizer = train_state.make_optimizer(config)
         self.schedule = schedule_of(config)
         self.apply_fn = sampling.ModelApply(self.model)
@@ -210,8 +214,8 @@ class Network:
                     else parallel.stacked_batch_sharded(self.mesh))
         batch = jax.ShapeDtypeStruct(shape if k == 1 else (k, *shape), jnp.float32,
                                      sharding=sharding)
-        self.step_fn = training.make_train_step(c, self.model, self.schedule, self.optimizer,
-                                                self.mesh, k).lower(self.state, batch).compile()
+        self.step_fn = train_step.make_train_step(c, self.model, self.schedule, self.optimizer,
+                                                  self.mesh, k).lower(self.state, batch).compile()
         return time.perf_counter() - begin
 
     def train(self, batch) -> None:
@@ -265,28 +269,28 @@ def run(args) -> dict:
         args.variants if name == REFERENCE_RECIPE else args.recipe_variants)}
         for name in configs}
     eval_kwargs = parse_variant(f"raw-{args.eval_sampler}").sampler
-    training.configure_compilation_cache(base)
+    parallel.configure_compilation_cache(base)
     mesh = parallel.make_mesh()
     image_shape = (base.data.image_size,) * 2 + (base.data.channels,)
     data = (quality_data.NpzData(args.data_npz, image_shape) if args.data_npz
             else quality_data.ConfigData(base))
 
     test_images = data.images("test")
-    scorer = evaluation.ClassifierScorer(
+    scorer = suite.ClassifierScorer(
         quality_data.classifier_dir(args.classifier_dir, args.out_dir), test_images)
     bootstrap = PairedBootstrap(scorer.reference, args.bootstrap)
     results = {"args": vars(args), "reference": None, "recipes": {}, "variants": {},
                "by_step": {}, "comparisons": [], "train": {}, "seconds": {}}
     real = data.images("train", args.num_samples)
-    results["variants"]["real-train"] = scorer(evaluation.quantize(real))
+    results["variants"]["real-train"] = scorer(suite.quantize(real))
     timesteps = {name: c.diffusion.timesteps for name, c in configs.items()}
     if REFERENCE_RECIPE in configs:
         results["reference"] = f"{REFERENCE_RECIPE}/{REFERENCE.format(T=timesteps['design'])}"
 
     # Every network and the PyTorch design start from the design's initialisation.
     design = Design(base, args.seed, args.torch_threads)
-    params0 = convert.torch_to_flax(design.state_dict(),
-                                    convert.abstract_params(train_state.create_model(base)))
+    params0 = torch_weights.torch_to_flax(
+        design.state_dict(), torch_weights.abstract_params(unet.create_model(base)))
     networks = {name: Network(name, c, params0, mesh) for name, c in configs.items()}
     for name, net in networks.items():
         results["recipes"][name] = {"overrides": RECIPES[name], "objective": net.objective,
@@ -304,22 +308,22 @@ def run(args) -> dict:
     decay = base.optim.ema_decay
     ema_update = jax.jit(lambda e, p: jax.tree.map(lambda a, b: decay * a + (1 - decay) * b,
                                                    e, p))
-    draws = jax.jit(lambda rng, step, x: training.step_draws(rng, step, x, ref.schedule
-                                                             .num_timesteps)[1:3])
+    draws = jax.jit(lambda rng, step, x: train_step.step_draws(rng, step, x, ref.schedule
+                                                               .num_timesteps)[1:3])
     batches = input_pipeline.TrainIterator(data.train_source(), args.batch_size, args.seed,
                                            random_flip=base.data.random_flip)
 
     def params_of(net, kind):
         if kind == "designnet":
-            return jax.device_put(convert.torch_to_flax(
-                design.state_dict(), convert.abstract_params(net.model)),
+            return jax.device_put(torch_weights.torch_to_flax(
+                design.state_dict(), torch_weights.abstract_params(net.model)),
                 parallel.replicated(mesh))
         return {"raw": net.state.params, "ema": net.state.ema_params, "emaold": emaold}[kind]
 
     def score(name, sample):
         """Scores of `sample()` -> (images, sampling s, compile s)."""
         samples, sample_s, compile_s = sample()
-        scores, features = scorer.scores_and_features(evaluation.quantize(samples))
+        scores, features = scorer.scores_and_features(suite.quantize(samples))
         scores.update(sample_s=sample_s, compile_s=compile_s,
                       s_per_image=sample_s / len(samples))
         print(f"  {name}: classifier FD {scores['classifier_fd']:.1f}, class entropy "
@@ -391,10 +395,10 @@ def run(args) -> dict:
                 {kind: params_of(ref, kind) for kind in kinds})))
 
     for kind in ("raw", "ema") if ref and args.bpd_images else ():
-        bpd = evaluation.bits_per_dim(ref.apply_fn, params_of(ref, kind), ref.schedule,
-                                      test_images[:args.bpd_images], mesh=mesh, seed=args.seed,
-                                      batch_size=args.bpd_images)
-        results[f"bpd_{kind}"] = evaluation.summarize_bpd(bpd)
+        per_image = bpd.bits_per_dim(ref.apply_fn, params_of(ref, kind), ref.schedule,
+                                     test_images[:args.bpd_images], mesh=mesh, seed=args.seed,
+                                     batch_size=args.bpd_images)
+        results[f"bpd_{kind}"] = bpd.summarize_bpd(per_image)
         print(f"  bits/dim {kind}: {results[f'bpd_{kind}']['bpd']:.3f}", flush=True)
     grid_dir = os.path.join(args.out_dir, "grids")
     os.makedirs(grid_dir, exist_ok=True)

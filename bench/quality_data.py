@@ -23,7 +23,9 @@ from flax import serialization
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from ddpm_jax import classifier, evaluation, input_pipeline, training  # noqa: E402
+from ddpm_jax.data import input_pipeline  # noqa: E402
+from ddpm_jax.evaluation import classifier, suite  # noqa: E402
+from ddpm_jax.training import loop  # noqa: E402
 
 SPLITS = ("train", "test")
 
@@ -35,10 +37,10 @@ class ConfigData:
         self.config = config
 
     def train_source(self) -> input_pipeline.Source:
-        return training.open_train_source(self.config)
+        return loop.open_train_source(self.config)
 
     def images(self, split: str, num_images=None) -> np.ndarray:
-        return evaluation.load_split_images(self.config, split, num_images)
+        return suite.load_split_images(self.config, split, num_images)
 
 
 class NpzData:

@@ -24,7 +24,8 @@ from typing import Dict, NamedTuple
 
 import numpy as np
 
-from ddpm_jax import fid, sampling
+from ddpm_jax import sampling
+from ddpm_jax.evaluation import fid
 
 # The design's recipe first: every other is compared against its sampler on its network.
 RECIPES = {

@@ -40,7 +40,7 @@ def markdown_table(runs) -> str:
             f"Versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax "
             f"{v['flax']}, optax {v['optax']}, torch {v['torch']}; XLA_FLAGS='{m['xla_flags']}'"
             f"; GLIBC_TUNABLES='{m.get('glibc_tunables', '')}'",
-            f"JAX step: {m.get('train_step', 'ddpm_jax.training.make_train_step')}. "
+            f"JAX step: {m.get('train_step', 'ddpm_jax.training.train_step.make_train_step')}. "
             f"Command: `{m['command']}`"
             + (" (--quick: few timed steps; sampling measured over fewer steps and scaled)"
                if m["quick"] else ""), ""]

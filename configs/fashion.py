@@ -13,7 +13,7 @@ the README lists them.
 import ml_collections
 from ml_collections import config_dict
 
-from ddpm_jax import evaluation
+from ddpm_jax.evaluation import suite
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -110,6 +110,6 @@ def get_config() -> ml_collections.ConfigDict:
     ))
 
     # Test-set bits/dim and sample quality every K steps (off by default).
-    config.eval = evaluation.default_config()
+    config.eval = suite.default_config()
     config.lock()
     return config

@@ -11,19 +11,22 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from etils import epath
 
-from ddpm_jax import datasets, evaluation, storage, unet
+from ddpm_jax.data import datasets
+from ddpm_jax.evaluation import suite
+from ddpm_jax.models import unet_checks
+from ddpm_jax.runtime import storage
 from ddpm_jax.diffusion import LOSS_TYPES, LOSS_WEIGHTINGS, OBJECTIVES
 from ddpm_jax.sampling import check_sampler
 from ddpm_jax.schedules import BETA_SCHEDULES, TERMINAL_SNRS
 
 # Label counts of the TFDS datasets the configs use, checked before anything is opened; other
-# datasets' labels are checked when the training split is opened (training.open_train_source).
+# datasets' labels are checked when the training split is opened (loop.open_train_source).
 TFDS_NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}
 MODEL_DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("skip", "stop")
 
 # Every field a config must have, by section. The optional `eval` section is
-# checked by `evaluation.validate_config`.
+# checked by `suite.validate_config`.
 FIELDS = {
         "": ("seed",),
         "data": ("dataset", "folder", "image_size", "channels", "random_flip",
@@ -249,7 +252,7 @@ def _check_model(check: _Checker) -> None:
         return
     model = check.get("model")
     try:
-        unet.validate_unet_config(
+        unet_checks.validate_unet_config(
             image_size, dim=model.dim, dim_mults=tuple(model.dim_mults), init_dim=model.init_dim,
             with_time_emb=model.with_time_emb, resnet_block_groups=model.resnet_block_groups,
             use_convnext=model.use_convnext, dropout=model.dropout,
@@ -386,7 +389,7 @@ def validate_config(config, *, num_devices: int = 1, process_count: int = 1) -> 
     _check_sampling(check)
     if "eval" in config:
         try:
-            evaluation.validate_config(config.eval)
+            suite.validate_config(config.eval)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             check.errors.append(str(e))
     if check.errors:

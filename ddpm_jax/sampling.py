@@ -32,7 +32,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ddpm_jax import diffusion, dpm_solver, embeddings, parallel
+from ddpm_jax import diffusion, dpm_solver
+from ddpm_jax.models import embeddings
+from ddpm_jax.runtime import parallel
 from ddpm_jax.schedules import DiffusionSchedule
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
@@ -93,18 +95,21 @@ def check_sampler(num_timesteps: int, sampler: str, steps: int, ddim_eta: float,
                          f"set it to 0")
 
 
-def settings(sampling_config) -> Dict[str, Any]:
-    """`generate`'s sampler arguments from a config's `sampling` section."""
-    c = sampling_config
+def settings(config) -> Dict[str, Any]:
+    """`generate`'s sampler arguments from a whole config: its `sampling` section and the
+    objective the network was trained on (the one place a new sampler field is read)."""
+    c = config.sampling
     return dict(sampler=c.sampler, steps=c.steps, ddim_eta=c.ddim_eta,
                 clip_denoised=c.clip_denoised, solver_order=c.solver_order,
-                step_spacing=c.step_spacing, dynamic_threshold=c.dynamic_threshold)
+                step_spacing=c.step_spacing, dynamic_threshold=c.dynamic_threshold,
+                objective=config.diffusion.objective)
 
 
 def check_settings(num_timesteps: int, sampler_settings: Dict[str, Any]) -> None:
-    """`check_sampler` of `settings`' arguments."""
-    check_sampler(num_timesteps, **{k: v for k, v in sampler_settings.items()
-                                    if k != "clip_denoised"})
+    """`check_sampler` of `settings`' arguments (the objective is checked with the config)."""
+    s = sampler_settings
+    check_sampler(num_timesteps, s["sampler"], s["steps"], s["ddim_eta"], s["solver_order"],
+                  s["step_spacing"], s["dynamic_threshold"])
 
 
 def sampler_timesteps(schedule: DiffusionSchedule, sampler: str, steps: int,

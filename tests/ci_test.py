@@ -2,12 +2,14 @@
 import configparser
 import os
 import re
+import shlex
 import subprocess
+import sys
 
 import pytest
 from packaging.requirements import Requirement
 
-from tests.train_helpers import REPO
+from tests.support.train_helpers import REPO, subprocess_env
 
 CI = (REPO / ".ci" / "run").read_text()
 
@@ -29,15 +31,27 @@ def test_readme_test_command_is_the_one_ci_runs():
             f"{command} tests") in readme.splitlines()
 
 
-def test_newest_stack_tests_exist():
-    listed = [line for line in (REPO / ".ci" / "newest-stack-tests.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
-    assert len(listed) >= 5
-    for node in listed:
-        path, _, test = node.partition("::")
-        assert (REPO / path).is_file(), node
-        if test:
-            assert re.search(rf"^def {re.escape(test)}\(", (REPO / path).read_text(), re.M), node
+def _collected(*selection):
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *selection,
+                          "tests"], cwd=REPO, env=subprocess_env(), capture_output=True,
+                         text=True, check=True).stdout
+    return [line for line in out.splitlines() if "::" in line]
+
+
+@pytest.mark.subprocess
+def test_newest_stack_runs_the_marked_upgrade_sensitive_tests():
+    """The newest stack's marker expression selects the math, the UNet against PyTorch,
+    checkpoints, sampling and one tiny train + resume: a part of the suite, not all of it."""
+    selection = shlex.split(re.search(r"^NEWEST_STACK_TESTS='(.*)'$", CI, re.M).group(1))
+    assert '"$NEWEST_STACK_TESTS"' in CI
+    selected, everything = _collected(*selection), _collected()
+    files = {node.split("::")[0] for node in selected}
+    assert {"tests/diffusion_test.py", "tests/likelihood_test.py", "tests/objectives_test.py",
+            "tests/dpm_solver_test.py", "tests/unet_test.py", "tests/checkpointing_test.py",
+            "tests/sampling_test.py", "tests/sample_test.py"} <= files
+    assert [n for n in selected if n.startswith("tests/train_test.py")] == [
+        "tests/train_test.py::test_train_py_trains_then_resumes"]
+    assert 0.2 * len(everything) < len(selected) < 0.6 * len(everything)
 
 
 def test_both_constraint_files_lie_inside_setup_cfg_ranges():
@@ -72,6 +86,7 @@ echo "Python 3.x"
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("pytest_exit", [0, 1, 5])
 def test_ci_passes_on_pytest_exit(tmp_path, pytest_exit):
     """.ci/run's run_stack passes pytest's exit on; exit 5 (no test collected) fails CI too."""

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import classifier, input_pipeline
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.evaluation import classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,6 +22,7 @@ def _run(args, fashion_mnist_dirs):
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
+@pytest.mark.subprocess
 def test_command_trains_saves_and_reloads(fashion_mnist_dirs, tmp_path):
     """A short real run (a tenth of the training set, one epoch) to keep CI fast; the full
     command (`python train_classifier.py --output_dir=DIR`, three epochs) reaches >= 90%."""

@@ -18,18 +18,21 @@ import pytest
 from PIL import Image
 
 from configs import tiny, tiny_cond
-from ddpm_jax import (classifier, config_validation, diffusion, embeddings, input_pipeline,
-                      sampling, train_state, training)
+from ddpm_jax import config_validation, diffusion, sampling
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.evaluation import classifier
+from ddpm_jax.models import embeddings, unet
+from ddpm_jax.training import loop, train_state, train_step
 from ddpm_jax.schedules import make_schedule
-from tests.multidevice_test import STEPS, _assert_same_run
-from tests.train_helpers import (REPO, enable_compilation_cache, losses, restored_state,
+from tests.parallel_test import STEPS, _assert_same_run
+from tests.support.train_helpers import (REPO, enable_compilation_cache, losses, restored_state,
                                  run_train_py, subprocess_env, tiny_config)
 
 NUM_CLASSES = 10
 
 
 def _init(config, seed=0):
-    model = train_state.create_model(config)
+    model = unet.create_model(config)
     state = train_state.create_train_state(config, model, train_state.make_optimizer(config),
                                            jax.random.key(seed))
     return model, state.params
@@ -82,13 +85,13 @@ def test_label_dropout_rate_and_null_row():
     n, rate = 10_000, 0.1
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(7), i))(jnp.arange(n))
     labels = jnp.arange(n, dtype=jnp.int32) % NUM_CLASSES
-    dropped = np.asarray(training.drop_labels(labels, keys, rate, NUM_CLASSES))
+    dropped = np.asarray(train_step.drop_labels(labels, keys, rate, NUM_CLASSES))
     is_null = dropped == embeddings.null_label(NUM_CLASSES)
     sigma = np.sqrt(rate * (1 - rate) / n)
     assert abs(is_null.mean() - rate) < 4 * sigma, is_null.mean()
     np.testing.assert_array_equal(dropped[~is_null], np.asarray(labels)[~is_null])
-    assert not np.any(np.asarray(training.drop_labels(labels, keys, 0.0, NUM_CLASSES)) == 10)
-    assert np.all(np.asarray(training.drop_labels(labels, keys, 1.0, NUM_CLASSES)) == 10)
+    assert not np.any(np.asarray(train_step.drop_labels(labels, keys, 0.0, NUM_CLASSES)) == 10)
+    assert np.all(np.asarray(train_step.drop_labels(labels, keys, 1.0, NUM_CLASSES)) == 10)
 
 
 def test_guidance_algebra(models):
@@ -160,9 +163,9 @@ def test_generate_and_class_label_requests_are_checked(models):
 
 
 def test_sample_grid_has_one_row_per_class():
-    labels = training.sample_grid_labels(10, 25)
+    labels = loop.sample_grid_labels(10, 25)
     assert labels.tolist() == np.repeat(np.arange(10), 2).tolist()
-    assert training.sample_grid_labels(0, 25) is None
+    assert loop.sample_grid_labels(0, 25) is None
 
 
 def test_config_checks_labels_before_anything_compiles(tmp_path):
@@ -223,7 +226,7 @@ def conditional_run(fashion_mnist_dirs, tmp_path_factory):
     config = tiny_config(fashion_mnist_dirs, training__num_train_steps=STEPS,
                          training__log_every=1, training__checkpoint_every=2,
                          model__num_classes=NUM_CLASSES, training__label_dropout=0.5)
-    result = training.train(config, str(workdir))
+    result = loop.train(config, str(workdir))
     state = jax.tree.map(np.asarray, result.state)
     return config, losses(workdir), state.params, state, workdir
 
@@ -234,10 +237,10 @@ def test_conditional_resume_is_bitwise_exact_and_grids_show_a_row_per_class(cond
     first = config.copy_and_resolve_references()
     first.training.num_train_steps = STEPS // 2
     first.training.sample_every, first.training.num_sample_images = STEPS // 2, 20
-    training.train(first, str(tmp_path))
+    loop.train(first, str(tmp_path))
     grid = Image.open(tmp_path / "samples" / f"step_{STEPS // 2:07d}.png")
     assert grid.size == (2 + 2 * 30, 2 + 10 * 30)  # one row of two per class
-    training.train(config, str(tmp_path))
+    loop.train(config, str(tmp_path))
     state, step = restored_state(tmp_path, config)
     assert step == STEPS
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference_state)):
@@ -252,7 +255,7 @@ def test_conditional_steps_per_call_follow_single_steps(conditional_run, tmp_pat
     config = config.copy_and_resolve_references()
     config.training.steps_per_call = 2
     config.training.log_every = 2
-    result = training.train(config, str(tmp_path))
+    result = loop.train(config, str(tmp_path))
     assert result.step == STEPS
     got = losses(tmp_path)
     for step, loss in got.items():  # rows are means over the 2 steps of each call
@@ -266,6 +269,7 @@ def test_conditional_steps_per_call_follow_single_steps(conditional_run, tmp_pat
         np.testing.assert_allclose(a, b, rtol=0, atol=bound)
 
 
+@pytest.mark.subprocess
 def test_conditional_step_on_eight_devices_matches_one(conditional_run, tmp_path):
     config, reference_losses, params, _, _ = conditional_run
     env = subprocess_env("--xla_force_host_platform_device_count=8")
@@ -282,6 +286,7 @@ def _command(script, *args, expect_ok=True):
     return done
 
 
+@pytest.mark.subprocess
 def test_sample_command_one_class_per_row(conditional_run, tmp_path):
     workdir = conditional_run[4]
     fast = ["--sampler=ddim", "--ddim_steps=2", f"--workdir={workdir}"]
@@ -299,6 +304,7 @@ def test_sample_command_one_class_per_row(conditional_run, tmp_path):
     assert "--class_label: '10' is not a class in 0..9" in done.stderr
 
 
+@pytest.mark.subprocess
 def test_evaluate_command_sweeps_guidance(conditional_run, tmp_path):
     """Every per-class number and the curve from one command (an untrained classifier: the
     numbers are checked for consistency, their values by the long run in docs/conditional.md)."""
@@ -333,11 +339,11 @@ def test_a_short_real_run_learns_to_use_its_labels(fashion_mnist_dirs, tmp_path)
     config = tiny_config(fashion_mnist_dirs, training__num_train_steps=200,
                          training__checkpoint_every=200, training__log_every=50,
                          model__num_classes=NUM_CLASSES, diffusion__timesteps=200)
-    params = training.train(config, str(tmp_path)).state.params
+    params = loop.train(config, str(tmp_path)).state.params
     test = input_pipeline.open_source("fashion_mnist", "test", image_size=28, channels=1,
                                       data_dir=fashion_mnist_dirs.data_dir)
     images, labels = input_pipeline.load_labeled(test, 512)
-    apply = sampling.ModelApply(train_state.create_model(config))
+    apply = sampling.ModelApply(unet.create_model(config))
     schedule = make_schedule("linear", config.diffusion.timesteps)
     t = jax.random.randint(jax.random.key(1), (512,), 100, 200)
     noise = jax.random.normal(jax.random.key(0), images.shape)

@@ -7,7 +7,7 @@ import pytest
 
 from configs import cifar10, fashion, mnist, tiny
 from ddpm_jax.config_validation import ConfigError, validate_config
-from tests.train_helpers import REPO
+from tests.support.train_helpers import REPO
 
 CONFIGS = {"fashion": fashion, "cifar10": cifar10, "mnist": mnist, "tiny": tiny}
 
@@ -177,6 +177,7 @@ def test_unknown_and_missing_fields_are_named():
     assert "config.optim.ema_decay is missing" in text
 
 
+@pytest.mark.subprocess
 def test_train_py_refuses_a_bad_field_before_compiling(tmp_path):
     """The command line names the field and its choices, without a traceback, in seconds."""
     result = subprocess.run(
@@ -192,6 +193,7 @@ def test_train_py_refuses_a_bad_field_before_compiling(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.subprocess
 def test_train_py_refuses_a_misspelled_field(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs' / 'tiny.py'}",

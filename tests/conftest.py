@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpm_jax import cpu_defaults
+from ddpm_jax.runtime import cpu_defaults
 
 cpu_defaults.apply_cpu_defaults()  # the tests run with XLA's flags as train.py and sample.py do
 
@@ -26,7 +26,7 @@ def fashion_mnist_dirs() -> TfdsDirs:
     next to the repository. Preparing (~20 s) happens on the first test run of
     a machine; later runs and parallel workers reuse it.
     """
-    from ddpm_jax import datasets
+    from ddpm_jax.data import datasets
 
     dirs = TfdsDirs(
         data_dir=REPO / ".cache" / "tfds",

@@ -1,4 +1,5 @@
 """The commands print their own lines and warnings; library INFO lines only with --verbosity=1."""
+import pytest
 import logging
 import os
 import re
@@ -7,9 +8,12 @@ import sys
 
 from absl import logging as absl_logging
 
-from ddpm_jax import console, input_pipeline
-from tests import train_helpers
-from tests.sample_cli_test import STEP, workdir  # noqa: F401  (the tiny checkpoint fixture)
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.runtime import console
+from tests.support import train_helpers
+from tests.sample_test import STEP, workdir  # noqa: F401  (the tiny checkpoint fixture)
+
+pytestmark = pytest.mark.newest_stack
 
 # absl's console format: "I1201 16:02:20.609225 140292367883136 checkpoint_manager.py:701] ..."
 ABSL_INFO = re.compile(r"^I\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\]", re.M)
@@ -72,7 +76,7 @@ def test_own_lines_without_absl_prefix():
 
     assert line("ddpm_jax.training", logging.INFO, "Compiled in %.1f s", 9.61) == \
         "Compiled in 9.6 s"
-    assert line("ddpm_jax.preemption", logging.WARNING, "Received SIGINT") == \
+    assert line("ddpm_jax.training.preemption", logging.WARNING, "Received SIGINT") == \
         "Warning: Received SIGINT"
     assert line("ddpm_jax.x", logging.ERROR, "bad") == "Error: bad"
     # Other libraries' warnings keep absl's prefix: it names the file that warns.
@@ -108,6 +112,7 @@ def test_describe_in_memory_and_streamed(fashion_mnist_dirs):
     assert "; streamed from disk by a thread (" in input_pipeline.describe(streamed, data, "train")
 
 
+@pytest.mark.subprocess
 def test_train_py_first_lines(fashion_mnist_dirs, tmp_path):
     """What a user sees before the first step: the data, then the compile, in plain lines."""
     done = subprocess.run(
@@ -130,6 +135,7 @@ def test_train_py_first_lines(fashion_mnist_dirs, tmp_path):
     assert data < compiling and lines[compiling + 1].startswith("Compiled the train step in ")
 
 
+@pytest.mark.subprocess
 def test_sample_py_quiet_by_default(workdir, tmp_path):  # noqa: F811
     args = [f"--workdir={workdir}", "--num_images=1", "--sampler=ddim", "--ddim_steps=1",
             f"--output={tmp_path}/grid.png"]
@@ -143,6 +149,7 @@ def test_sample_py_quiet_by_default(workdir, tmp_path):  # noqa: F811
     assert len(orbax_lines) >= 5, verbose
 
 
+@pytest.mark.subprocess
 def test_evaluate_py_quiet_by_default(workdir, fashion_mnist_dirs):  # noqa: F811
     args = [f"--workdir={workdir}", "--bpd_images=4", "--bpd_batch_size=2",
             f"--tfds_data_dir={fashion_mnist_dirs.data_dir}",

@@ -1,4 +1,4 @@
-"""ddpm_jax.conv's CPU formulations equal the lax convolutions they replace, value and gradient."""
+"""ddpm_jax.models.conv's CPU formulations equal the lax convolutions they replace, value and gradient."""
 import functools
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import conv
+from ddpm_jax.models import conv
 
 
 def _reference(x, kernel, bias):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ddpm_jax import cpu_defaults
+from ddpm_jax.runtime import cpu_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 KNOWN = metadata.version("jaxlib").startswith(cpu_defaults.KNOWN_JAXLIB_RELEASES)
@@ -63,6 +63,7 @@ def test_tests_run_without_fusions_by_ynnpack():
     assert _fusions_by_ynnpack() == 0
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not KNOWN, reason="jaxlib without the flag")
 @pytest.mark.parametrize("entry_point", ["train", "sample"])
 def test_entry_points_turn_fusions_by_ynnpack_off_and_the_opt_out_keeps_them(entry_point):
@@ -102,7 +103,9 @@ HUGE_PAGES_PROBE = """
 import ctypes, os, sys
 sys.path.insert(0, {repo!r})
 print("pid", os.getpid(), flush=True)
-from ddpm_jax import cpu_defaults
+from ddpm_jax.runtime import cpu_defaults
+
+pytestmark = pytest.mark.newest_stack
 cpu_defaults.apply_cpu_defaults(restart=True)
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -115,6 +118,7 @@ print("tunables", os.environ.get("GLIBC_TUNABLES", "-"), "huge_kb", huge_kb)
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(cpu_defaults.with_huge_pages({}) is None or _thp_mode() in (None, "never"),
                     reason="needs glibc >= 2.35 and transparent huge pages")
 def test_a_script_restarts_itself_once_with_malloc_on_huge_pages():

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from ddpm_jax import diffusion, schedules
-from tests import torch_ref_diffusion as ref
+from tests.support import torch_ref_diffusion as ref
+
+pytestmark = pytest.mark.newest_stack
 
 DESIGN_ARRAYS = ("betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_recip_alphas",
                  "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "posterior_variance")

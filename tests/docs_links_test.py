@@ -4,7 +4,7 @@ shows nothing until a reader follows it."""
 import pathlib
 import re
 
-from tests.train_helpers import REPO
+from tests.support.train_helpers import REPO
 
 # Inline links and images, [text](target) and ![alt](target), optionally with a "title".
 _LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")

@@ -14,6 +14,8 @@ from diffusers import DPMSolverMultistepScheduler
 
 from ddpm_jax import diffusion, dpm_solver, sampling, schedules
 
+pytestmark = pytest.mark.newest_stack
+
 SHAPE = (4, 4, 1)
 _rng = np.random.default_rng(0)
 MU = _rng.uniform(-0.5, 0.5, SHAPE).astype(np.float32)

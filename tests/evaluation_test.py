@@ -11,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import classifier, evaluation, schedules, train_state
-from ddpm_jax.parallel import make_mesh
+from ddpm_jax import schedules
+from ddpm_jax.evaluation import bpd, classifier, suite
+from ddpm_jax.models import unet
+from ddpm_jax.runtime.parallel import make_mesh
 from tests.likelihood_test import _numpy_bound
-from tests.train_helpers import subprocess_env, tiny_config
+from tests.support.train_helpers import subprocess_env, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMESTEPS, SHAPE = 12, (4, 4, 1)
@@ -35,8 +37,8 @@ def _images(n, seed=0):
 
 def _toy_bpd(images, batch_size, seed=3):
     schedule = schedules.make_schedule("linear", TIMESTEPS)
-    return evaluation.bits_per_dim(ToyApply(), {"a": jnp.float32(0.8)}, schedule, images,
-                                   mesh=make_mesh(), seed=seed, batch_size=batch_size)
+    return bpd.bits_per_dim(ToyApply(), {"a": jnp.float32(0.8)}, schedule, images,
+                            mesh=make_mesh(), seed=seed, batch_size=batch_size)
 
 
 def test_per_image_bound_matches_numpy_with_per_image_keys():
@@ -63,12 +65,13 @@ def test_bound_does_not_depend_on_batching():
 def test_summary_mean_and_standard_error():
     per_image = {"total_bpd": np.array([1.0, 2.0, 4.0]), "prior_bpd": np.zeros(3),
                  "decoder_bpd": np.ones(3), "kl_bpd": np.array([0.0, 1.0, 3.0])}
-    summary = evaluation.summarize_bpd(per_image)
+    summary = bpd.summarize_bpd(per_image)
     assert summary["bpd"] == pytest.approx(7 / 3)
     assert summary["bpd_stderr"] == pytest.approx(np.std([1, 2, 4], ddof=1) / np.sqrt(3))
     assert summary["bpd_kl"] == pytest.approx(4 / 3) and summary["bpd_num_images"] == 3
 
 
+@pytest.mark.subprocess
 def test_same_bound_on_eight_devices():
     script = textwrap.dedent("""
         import json, sys
@@ -90,27 +93,27 @@ def test_same_bound_on_eight_devices():
 
 
 def test_quantize_rounds_to_eight_bit_levels():
-    q = evaluation.quantize(np.array([-3.0, -1.0, 0.0, 0.0039, 1.2], np.float32))
+    q = suite.quantize(np.array([-3.0, -1.0, 0.0, 0.0039, 1.2], np.float32))
     np.testing.assert_allclose(q, [-1.0, -1.0, 1 / 255, 1 / 255, 1.0], atol=1e-6)
     assert np.allclose(np.round((q + 1) * 127.5), (q + 1) * 127.5, atol=1e-4)
 
 
 def test_validate_config_names_the_field():
-    config = evaluation.default_config()
+    config = suite.default_config()
     config.bpd_num_images = 0
     with pytest.raises(ValueError, match="config.eval.bpd_num_images"):
-        evaluation.validate_config(config)
-    config = evaluation.default_config()
+        suite.validate_config(config)
+    config = suite.default_config()
     config.fid_every = 10
     with pytest.raises(ValueError, match="config.eval.classifier_dir"):
-        evaluation.validate_config(config)
+        suite.validate_config(config)
 
 
 def test_evaluator_on_the_tiny_config(fashion_mnist_dirs, tmp_path):
     """Real test images, a tiny UNet, an untrained classifier: every number is produced."""
     config = tiny_config(fashion_mnist_dirs, sampling__sampler="ddim", sampling__steps=2)
     config.unlock()
-    config.eval = evaluation.default_config()
+    config.eval = suite.default_config()
     config.eval.update(bpd_every=5, bpd_num_images=3, bpd_batch_size=2, fid_every=10,
                        fid_num_samples=6, fid_reference_images=50,
                        classifier_dir=str(tmp_path / "classifier"))
@@ -118,10 +121,10 @@ def test_evaluator_on_the_tiny_config(fashion_mnist_dirs, tmp_path):
     untrained = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
     classifier.save_classifier(config.eval.classifier_dir, model, untrained,
                                {"test_accuracy": 0.1})
-    params = train_state.create_model(config).init(
+    params = unet.create_model(config).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))["params"]
     lines = []
-    evaluator = evaluation.Evaluator(config, make_mesh(), log_fn=lines.append)
+    evaluator = suite.Evaluator(config, make_mesh(), log_fn=lines.append)
     assert not evaluator.due(3) and evaluator(params, 3) == {}
     scores = evaluator(params, 10)
     assert scores["eval/bpd_num_images"] == 3 and scores["eval/fid_num_samples"] == 6
@@ -132,6 +135,6 @@ def test_evaluator_on_the_tiny_config(fashion_mnist_dirs, tmp_path):
     assert 1 <= scores["eval/num_classes_covered"] <= 6
     assert "bits/dim" in lines[0] and "classifier FD" in lines[0]
     # The same bound as a direct call on the first three test images.
-    direct = evaluation.bits_per_dim(evaluator.apply_fn, params, evaluator.schedule,
-                                     evaluator.bpd_images, mesh=make_mesh(), batch_size=3)
+    direct = bpd.bits_per_dim(evaluator.apply_fn, params, evaluator.schedule,
+                              evaluator.bpd_images, mesh=make_mesh(), batch_size=3)
     assert scores["eval/bpd"] == pytest.approx(float(direct["total_bpd"].mean()), rel=1e-5)

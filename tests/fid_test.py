@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from ddpm_jax import classifier, fid, input_pipeline
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.evaluation import classifier, fid
 
 
 def _random_features(seed, n=400, d=12, shift=0.0, scale=1.0):

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ddpm_jax import unet
-from tests.train_helpers import REPO, enable_compilation_cache
+from ddpm_jax.models import unet
+from tests.support.train_helpers import REPO, enable_compilation_cache
 
 sys.path.insert(0, str(REPO / "bench"))
 import flops  # noqa: E402

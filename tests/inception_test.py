@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from flax.traverse_util import flatten_dict
 
-from ddpm_jax import evaluation, inception, train_state
-from ddpm_jax.parallel import make_mesh
-from tests.torch_ref_inception import BasicConv2d, FIDInceptionV3 as TorchFIDInceptionV3
-from tests.train_helpers import tiny_config
+from ddpm_jax.evaluation import inception, suite
+from ddpm_jax.models import torch_weights, unet
+from ddpm_jax.runtime.parallel import make_mesh
+from tests.support.torch_ref_inception import BasicConv2d, FIDInceptionV3 as TorchFIDInceptionV3
+from tests.support.train_helpers import tiny_config
 
 # torchvision's Inception3 without AuxLogits has 94 conv+BN layers: 5 tensors each
 # (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var) plus fc.weight, fc.bias.
@@ -79,8 +80,8 @@ def ported():
     reference = TorchFIDInceptionV3().eval()
     _randomize(reference, seed=1)
     model = inception.FIDInceptionV3()
-    variables = inception.convert_state_dict(reference.state_dict(),
-                                             inception.variables_template(model))
+    variables = torch_weights.inception_variables(reference.state_dict(),
+                                                  inception.variables_template(model))
     return reference, model, variables
 
 
@@ -138,7 +139,7 @@ def test_state_dict_keys_are_pytorch_fids():
         assert tuple(tensors[key]) == shape, key
     # Every variable of the Flax network has exactly one of these keys; only fc is left over.
     template = inception.variables_template(inception.FIDInceptionV3())
-    flax_keys = [inception.torch_key(path) for path in flatten_dict(dict(template))]
+    flax_keys = [torch_weights.inception_key(path) for path in flatten_dict(dict(template))]
     assert len(flax_keys) == len(set(flax_keys))
     assert set(tensors) - set(flax_keys) == {"fc.weight", "fc.bias"}
     assert set(flax_keys) <= set(tensors)
@@ -153,15 +154,15 @@ def test_convert_names_first_mismatching_parameter(ported):
     state_dict["Mixed_7c.branch_pool.conv.weight"] = np.zeros((1, 1, 1, 1), np.float32)
     with pytest.raises(ValueError, match=r"'Mixed_6b\.branch7x7_2\.conv\.weight' has shape "
                                          r"\(128, 128, 7, 1\).*expects \(128, 128, 1, 7\)"):
-        inception.convert_state_dict(state_dict, template)
+        torch_weights.inception_variables(state_dict, template)
 
     missing = {k: v for k, v in original.items() if not k.startswith("Mixed_7")}
     with pytest.raises(ValueError, match="lacks .* parameters.*Mixed_7a"):
-        inception.convert_state_dict(missing, template)
+        torch_weights.inception_variables(missing, template)
 
     unexpected = {"AuxLogits.conv0.conv.weight": np.zeros((128, 768, 1, 1)), **original}
     with pytest.raises(ValueError, match="'AuxLogits.conv0.conv.weight'.*not in FIDInceptionV3"):
-        inception.convert_state_dict(unexpected, template)
+        torch_weights.inception_variables(unexpected, template)
 
 
 def test_missing_weights_file_says_where_to_get_it(tmp_path):
@@ -189,7 +190,7 @@ def test_pth_file_round_trip_and_scorer_inputs(ported, tmp_path):
     rng = np.random.RandomState(0)
     stats_path = str(tmp_path / "stats.npz")
     np.savez(stats_path, mu=rng.normal(size=2048), sigma=np.eye(2048))  # pytorch-fid's keys
-    scorer = evaluation.InceptionScorer(path, reference_stats_path=stats_path)
+    scorer = suite.InceptionScorer(path, reference_stats_path=stats_path)
     np.testing.assert_array_equal(scorer.reference.cov, np.eye(2048))
     images = rng.uniform(-1, 1, (2, 28, 28, 1)).astype(np.float32)
     expected = _torch_features(reference, images)
@@ -203,14 +204,14 @@ def test_evaluator_reports_inception_fid(ported, fashion_mnist_dirs, tmp_path):
     reference, _, _ = ported
     config = tiny_config(fashion_mnist_dirs, sampling__sampler="ddim", sampling__steps=2)
     config.unlock()
-    config.eval = evaluation.default_config()
+    config.eval = suite.default_config()
     config.eval.update(fid_every=10, fid_num_samples=4, fid_reference_images=4,
                        inception_weights=str(tmp_path / "weights.pth"))
     torch.save(reference.state_dict(), config.eval.inception_weights)
-    params = train_state.create_model(config).init(
+    params = unet.create_model(config).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))["params"]
     lines = []
-    evaluator = evaluation.Evaluator(config, make_mesh(), log_fn=lines.append)
+    evaluator = suite.Evaluator(config, make_mesh(), log_fn=lines.append)
     scores = evaluator(params, 10)
     assert np.isfinite(scores["eval/inception_fid"]) and scores["eval/inception_fid"] > 0
     assert "eval/classifier_fd" not in scores and "Inception FID" in lines[0]

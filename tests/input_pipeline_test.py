@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_jax import datasets, input_pipeline as ip
+from ddpm_jax.data import datasets, input_pipeline as ip
 
 GB = 128
 
@@ -204,12 +204,13 @@ def test_bad_arguments_name_the_field(fashion_mnist_dirs, train):
 
 
 def test_training_reports_a_missing_dataset_as_a_config_error(fashion_mnist_dirs):
-    from ddpm_jax import config_validation, training
-    from tests.train_helpers import tiny_config
+    from ddpm_jax import config_validation
+    from ddpm_jax.training import loop
+    from tests.support.train_helpers import tiny_config
     config = tiny_config(fashion_mnist_dirs, data__train_split="train[:110%]")
     with pytest.raises(config_validation.ConfigError,
                        match=r"config.data.train_split='train\[:110%\]' is not a split"):
-        training.open_train_source(config)
+        loop.open_train_source(config)
 
 
 def test_other_sizes_and_channels_are_converted_like_a_folder(fashion_mnist_dirs, test_split):

@@ -8,6 +8,8 @@ from scipy.stats import norm
 
 from ddpm_jax import likelihood, schedules
 
+pytestmark = pytest.mark.newest_stack
+
 
 def test_normal_kl_closed_forms():
     m, lv = jnp.array([0.3, -2.0]), jnp.array([0.1, -1.5])

@@ -11,6 +11,8 @@ from ddpm_jax import diffusion, likelihood, sampling, schedules
 from ddpm_jax.config_validation import ConfigError, validate_config
 from tests.likelihood_test import _numpy_bound, _toy_denoiser
 
+pytestmark = pytest.mark.newest_stack
+
 SHAPE = (3, 4, 4, 1)
 
 

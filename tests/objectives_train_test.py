@@ -6,9 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, evaluation, parallel, schedules, training
-from tests.reliability_test import _assert_bitwise_equal
-from tests.train_helpers import enable_compilation_cache, filled_train_state, losses, tiny_config
+from ddpm_jax import schedules
+from ddpm_jax.evaluation import suite
+from ddpm_jax.runtime import parallel
+from ddpm_jax.training import checkpointing, loop
+from tests.loop_test import _assert_bitwise_equal
+from tests.support.train_helpers import enable_compilation_cache, filled_train_state, losses, tiny_config
 
 STEPS = 4
 RECIPES = [("eps", "scaled", "min_snr"), ("x0", "zero", "none"), ("v", "zero", "min_snr")]
@@ -22,8 +25,8 @@ def test_each_objective_trains_and_resumes_bitwise(fashion_mnist_dirs, tmp_path,
                          training__log_every=1, training__checkpoint_every=STEPS // 2,
                          diffusion__objective=objective, diffusion__terminal_snr=terminal_snr,
                          diffusion__loss_weighting=loss_weighting)
-    caplog.set_level("INFO", logger="ddpm_jax.training")
-    whole = training.train(config, str(tmp_path))
+    caplog.set_level("INFO", logger="ddpm_jax.training.loop")
+    whole = loop.train(config, str(tmp_path))
     alpha_bar_t = {"scaled": "5.59e-12", "zero": "0"}[terminal_snr]
     assert f"terminal_snr {terminal_snr}: alpha_bar_T = {alpha_bar_t};" in caplog.text
     state, whole_losses = jax.tree.map(np.asarray, whole.state), losses(tmp_path)
@@ -32,7 +35,7 @@ def test_each_objective_trains_and_resumes_bitwise(fashion_mnist_dirs, tmp_path,
 
     # Without the last checkpoint the run resumes from the middle one and ends bitwise equal.
     shutil.rmtree(tmp_path / "checkpoints" / str(STEPS))
-    resumed = training.train(config, str(tmp_path))
+    resumed = loop.train(config, str(tmp_path))
     assert f"resuming from step {STEPS // 2} to {STEPS}" in caplog.text
     _assert_bitwise_equal(jax.tree.map(np.asarray, resumed.state), state)
     assert losses(tmp_path) == whole_losses
@@ -40,8 +43,8 @@ def test_each_objective_trains_and_resumes_bitwise(fashion_mnist_dirs, tmp_path,
     # Sampling and evaluation take the objective and schedule from the checkpoint's config.
     stored, _, step = checkpointing.load_inference_params(str(tmp_path))
     assert step == STEPS and stored.diffusion.objective == objective
-    evaluator = evaluation.Evaluator(stored, parallel.make_mesh(), with_bpd=False,
-                                     with_sample_quality=False)
+    evaluator = suite.Evaluator(stored, parallel.make_mesh(), with_bpd=False,
+                                with_sample_quality=False)
     np.testing.assert_array_equal(
         evaluator.schedule.betas,
         schedules.make_schedule("linear", config.diffusion.timesteps, terminal_snr).betas)
@@ -63,8 +66,8 @@ def test_a_checkpoint_from_before_the_objectives_resumes_and_samples_as_eps(
     assert (stored.diffusion.objective, stored.diffusion.terminal_snr,
             stored.diffusion.loss_weighting) == ("eps", "design", "none")
 
-    result = training.train(config, str(tmp_path))
+    result = loop.train(config, str(tmp_path))
     assert (result.status, result.step) == ("completed", 5)
     config.diffusion.objective = "v"  # another network: refused, naming the field
     with pytest.raises(checkpointing.ConfigMismatchError, match="config.diffusion.objective"):
-        training.train(config, str(tmp_path))
+        loop.train(config, str(tmp_path))

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pytest
 
-from tests import train_helpers
+from tests.support import train_helpers
 
 REPO = train_helpers.REPO
 DOCUMENTS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
@@ -108,7 +108,7 @@ CONDITIONAL = [
          ("runs/fashion_cond/eval/guidance_step_20.png",)),
 ]
 CLOUD = "needs Google Cloud (gcloud, a bucket, a TPU VM); gs:// paths are tested against a " \
-        "local Cloud Storage emulator in tests/cloud_storage_test.py"
+        "local Cloud Storage emulator in tests/storage_test.py"
 COND_CPU_RUN = ("docs/conditional.md's 6,000-step CPU run (about 45 minutes on a 2-core CPU) "
                 "and the commands on its workdir; the quick-start commands above cover the "
                 "same flags")
@@ -122,11 +122,11 @@ SKIPPED: Dict[str, str] = {
     "--torch_threads 2 --ema_start 0 --variants design-ddpm200-eq11 designnet-ddpm200-eq11 "
     "raw-ddpm200-eq11 ema-ddpm200-clip ema-ddpm200-eq11 raw-ddpm200-clip ema-ddim50-clip "
     "raw-ddim50-clip":
-        "71 minutes on a 2-core CPU; tests/quality_bench_test.py runs bench/quality.py on a "
+        "71 minutes on a 2-core CPU; tests/bench_quality_test.py runs bench/quality.py on a "
         "tiny budget",
     "python bench/stop_latency.py --after_s=40 -- --config=configs/fashion.py "
     "--workdir=workdir/stop_measure":
-        "a measurement of minutes on the design's network; tests/reliability_test.py tests the "
+        "a measurement of minutes on the design's network; tests/loop_test.py tests the "
         "bound it measures (at most two calls in flight)",
     "pip install -e .": "the environment the tests run in (.ci/run installs '.[test]')",
     "pip install -e '.[test]'": "the environment the tests run in (.ci/run installs it)",
@@ -294,6 +294,7 @@ def _run(step: Step, checkout: Path, env: Dict[str, str], placeholders: Dict[str
     return output
 
 
+@pytest.mark.subprocess
 def test_readme_quick_start_as_written(user_checkout, tmp_path):
     """Train (offline, preparing the data), Ctrl-C, resume, sample, evaluate, then the docs'
     sampling commands: one run, one working directory, the paths as written."""
@@ -311,6 +312,7 @@ def test_readme_quick_start_as_written(user_checkout, tmp_path):
     assert images.shape == (64, 28, 28, 1)
 
 
+@pytest.mark.subprocess
 def test_docs_conditional_quick_start(user_checkout, fashion_mnist_dirs):
     env = _environment(user_checkout, fashion_mnist_dirs.data_dir)
     _run(CLASSIFIER, user_checkout, env, {})

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import checkpointing, config_validation, storage
-from tests.train_helpers import (REPO, run_train_py, sigterm_at, subprocess_env, tiny_config,
+from ddpm_jax import config_validation
+from ddpm_jax.runtime import storage
+from ddpm_jax.training import checkpointing
+from tests.support.train_helpers import (REPO, run_train_py, sigterm_at, subprocess_env, tiny_config,
                                  train_py)
 
 STEPS = 12
@@ -80,6 +82,7 @@ def test_resolve_paths_makes_each_set_path_field_absolute(tmp_path, monkeypatch,
     assert config.training.compilation_cache_dir == ""  # '' = not set, not the cwd
 
 
+@pytest.mark.subprocess
 def test_train_py_relative_workdir_saves_stops_and_resumes(user, trained):
     cwd, _, _ = user
     first, second = trained
@@ -101,6 +104,7 @@ def test_train_py_relative_workdir_saves_stops_and_resumes(user, trained):
     assert not list(directory.glob("*tmp*"))  # no save left half-written
 
 
+@pytest.mark.subprocess
 def test_sample_py_relative_and_home_outputs(user, trained):
     cwd, env, _ = user
     done = _command(cwd, env, "sample.py", f"--workdir={WORKDIR}", "--num_images=4",
@@ -124,6 +128,7 @@ def classifier(user):
                     "--epochs=1", "--batch_size=64", "--min_accuracy=0")
 
 
+@pytest.mark.subprocess
 def test_train_classifier_py_relative_output_dir(user, classifier):
     cwd, _, _ = user
     assert classifier.returncode == 0, classifier.stdout + classifier.stderr
@@ -131,6 +136,7 @@ def test_train_classifier_py_relative_output_dir(user, classifier):
     assert (cwd / "classifiers" / "fashion" / "0").is_dir()
 
 
+@pytest.mark.subprocess
 def test_evaluate_py_relative_paths(user, trained, classifier):
     cwd, env, _ = user
     assert classifier.returncode == 0, classifier.stderr

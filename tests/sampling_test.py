@@ -11,10 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_jax import convert, diffusion, images, sampling, schedules
-from ddpm_jax.unet import Unet
-from tests import torch_ref_diffusion as ref
-from tests.train_helpers import subprocess_env
+from ddpm_jax import diffusion, sampling, schedules
+from ddpm_jax.models import torch_weights
+from ddpm_jax.runtime import images
+from ddpm_jax.models.unet import Unet
+from tests.support import torch_ref_diffusion as ref
+from tests.support.train_helpers import subprocess_env
+
+pytestmark = pytest.mark.newest_stack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (6, 6, 2)
@@ -31,7 +35,7 @@ def random_params(model: Unet, seed: int = 0):
         bound = 1.0 / np.sqrt(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 0.1
         return rng.uniform(-bound, bound, leaf.shape).astype(np.float32)
 
-    return jax.tree.map(draw, convert.abstract_params(model))
+    return jax.tree.map(draw, torch_weights.abstract_params(model))
 
 
 def _toy_apply(scale, x, t):
@@ -182,7 +186,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
     from ddpm_jax import sampling, schedules
-    from ddpm_jax.unet import Unet
+    from ddpm_jax.models.unet import Unet
     assert jax.device_count() == 8, jax.devices()
     from tests.sampling_test import random_params
     model = Unet(dim=8, dim_mults=(1, 2), channels=1)
@@ -194,6 +198,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 def test_same_images_on_one_and_eight_devices(tmp_path):
     """13 images on 8 simulated devices, in 2 padded chunks, against 1 device."""
     out = tmp_path / "eight.npz"

@@ -1,6 +1,6 @@
 """A TFDS split larger than config.data.in_memory_max_bytes, streamed by Grain.
 
-On a dataset built here (tests/tiny_tfds.py: 2,000 non-square 40x48 RGB images
+On a dataset built here (tests/support/tiny_tfds.py: 2,000 non-square 40x48 RGB images
 with labels), opened by name from its data directory with the threshold
 lowered so that it streams.
 """
@@ -10,9 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import datasets, input_pipeline as ip, streaming, training
-from tests import tiny_tfds
-from tests.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
+from ddpm_jax.data import datasets, input_pipeline as ip, streaming
+from ddpm_jax.training import loop
+from tests.support import tiny_tfds
+from tests.support.train_helpers import (enable_compilation_cache, losses, restored_state, run_train_py,
                                  sigterm_at, subprocess_env, tiny_config, train_py)
 
 SIZE, GB = 16, 64
@@ -89,6 +90,7 @@ def test_two_processes_read_disjoint_halves_of_the_one_process_batch(data_dir):
         assert not set(indices[:GB // 2]) & set(indices[GB // 2:])
 
 
+@pytest.mark.subprocess
 def test_sigterm_and_resume_on_the_streaming_path_is_bitwise_uninterrupted(
         data_dir, fashion_mnist_dirs, tmp_path):
     """The reference streams in a thread of this process; train.py with 1 Grain worker process
@@ -100,7 +102,7 @@ def test_sigterm_and_resume_on_the_streaming_path_is_bitwise_uninterrupted(
                          data__channels=3, data__in_memory_max_bytes=0, data__worker_count=0,
                          training__num_train_steps=12, training__log_every=1,
                          training__checkpoint_every=4)
-    reference = training.train(config, str(tmp_path / "reference"))
+    reference = loop.train(config, str(tmp_path / "reference"))
     assert reference.step == 12
     config.data.worker_count = 1
     workdir = tmp_path / "run"

@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import config_validation, metrics_writer, training
-from tests.train_helpers import (enable_compilation_cache, read_events, restored_state,
+from ddpm_jax import config_validation
+from ddpm_jax.runtime import metrics_writer
+from ddpm_jax.training import loop
+from tests.support.train_helpers import (enable_compilation_cache, read_events, restored_state,
                                  run_train_py, subprocess_env, tiny_config)
 
 
+@pytest.mark.subprocess
+@pytest.mark.newest_stack
 def test_train_py_trains_then_resumes(fashion_mnist_dirs, tmp_path):
     workdir = tmp_path / "run"
     env = subprocess_env()
@@ -85,7 +89,7 @@ def test_no_compilation_after_the_first_step(fashion_mnist_dirs, tmp_path):
     try:
         config = tiny_config(fashion_mnist_dirs, training__num_train_steps=6,
                              training__log_every=1, training__checkpoint_every=2)
-        training.train(config, str(tmp_path), console_stream=stream)
+        loop.train(config, str(tmp_path), console_stream=stream)
     finally:
         jax.monitoring.unregister_event_duration_listener(on_event)
     first_step_logged = min(t for t, text in stream.times if text.startswith("step 1/6"))
@@ -99,7 +103,7 @@ def test_a_slow_input_shows_as_input_wait(fashion_mnist_dirs, tmp_path):
     """input_wait_fraction: the share of each logged interval spent waiting for batches."""
     config = tiny_config(fashion_mnist_dirs, training__num_train_steps=6,
                          training__log_every=3, training__checkpoint_every=6)
-    default = training.default_iterator_factory(config)
+    default = loop.default_iterator_factory(config)
     enable_compilation_cache()
 
     def slow_factory(source, start_step):
@@ -112,9 +116,9 @@ def test_a_slow_input_shows_as_input_wait(fashion_mnist_dirs, tmp_path):
                     yield next(batches)
         return slow()
 
-    training.train(config, str(tmp_path / "slow"), iterator_factory=slow_factory)
+    loop.train(config, str(tmp_path / "slow"), iterator_factory=slow_factory)
     slow = [r["input_wait_fraction"] for r in metrics_writer.read_metrics(str(tmp_path / "slow"))]
-    training.train(config, str(tmp_path / "fast"))
+    loop.train(config, str(tmp_path / "fast"))
     fast = [r["input_wait_fraction"] for r in metrics_writer.read_metrics(str(tmp_path / "fast"))]
     assert len(slow) == len(fast) == 2 and all(0 <= f <= 1 for f in slow + fast)
     assert min(slow) > 0.5, slow
@@ -188,11 +192,11 @@ def test_steps_per_call_must_divide_the_epochs_steps_and_the_resumed_step():
     config = fashion.get_config()
     config.training.steps_per_call = 8
     with pytest.raises(config_validation.ConfigError) as error:
-        training._check_call_boundaries(config, 2340, 0)
+        loop._check_call_boundaries(config, 2340, 0)
     assert str(error.value).startswith(
         "config.training.num_epochs = 5 gives 2340 steps: set config.training.num_train_steps; "
         "it must be a multiple of config.training.steps_per_call = 8 (each compiled call runs 8 "
         "steps); e.g. 2336 or 2344")
     with pytest.raises(config_validation.ConfigError, match="checkpoint resumed is at step 12"):
-        training._check_call_boundaries(config, 2336, 12)
-    training._check_call_boundaries(config, 2336, 16)  # both multiples of 8: no error
+        loop._check_call_boundaries(config, 2336, 12)
+    loop._check_call_boundaries(config, 2336, 16)  # both multiples of 8: no error

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from flax import linen as nn
 from flax import traverse_util
 
-from ddpm_jax import unet
-from ddpm_jax.convert import abstract_params, torch_to_flax
-from tests import torch_ref_unet as ref
+from ddpm_jax.models import unet, unet_checks
+from ddpm_jax.models.torch_weights import abstract_params, torch_to_flax
+from tests.support import torch_ref_unet as ref
+
+pytestmark = pytest.mark.newest_stack
 
 ATOL = 1e-5       # forward outputs, float32
 GRAD_RTOL = 1e-4  # gradients, relative to each tensor's largest PyTorch gradient
@@ -259,9 +261,9 @@ def test_image_size_that_cannot_be_halved_is_rejected():
     with pytest.raises(ValueError, match=r"30x30 .*multiples of 4 \(nearest to 30: 28 or 32\)"):
         model.init(jax.random.key(0), jnp.zeros((1, 30, 30, 1)), jnp.zeros((1,), jnp.int32))
     with pytest.raises(ValueError, match=r"28x6 .*multiples of 4 \(nearest to 6: 4 or 8\)"):
-        unet.validate_unet_config((28, 6), **FASHION_ARCH)
-    unet.validate_unet_config(28, **FASHION_ARCH)
-    unet.validate_unet_config((32, 12), **FASHION_ARCH)
+        unet_checks.validate_unet_config((28, 6), **FASHION_ARCH)
+    unet_checks.validate_unet_config(28, **FASHION_ARCH)
+    unet_checks.validate_unet_config((32, 12), **FASHION_ARCH)
 
 
 def test_wrong_input_shapes_are_rejected():
@@ -284,12 +286,12 @@ def test_bad_architecture_is_rejected_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         unet.Unet(**kwargs)
     with pytest.raises(ValueError, match=message):
-        unet.validate_unet_config(32, **kwargs)
+        unet_checks.validate_unet_config(32, **kwargs)
 
 
 def test_groups_that_divide_every_channel_count_are_accepted():
-    unet.validate_unet_config(32, **CIFAR_ARCH)
-    unet.validate_unet_config(28, dim=28, dim_mults=(1, 2, 4), use_convnext=False,
-                              resnet_block_groups=7)
-    unet.validate_unet_config(28, dim=28, dim_mults=(1, 2, 4), with_time_emb=False,
-                              init_dim=5)
+    unet_checks.validate_unet_config(32, **CIFAR_ARCH)
+    unet_checks.validate_unet_config(28, dim=28, dim_mults=(1, 2, 4), use_convnext=False,
+                                     resnet_block_groups=7)
+    unet_checks.validate_unet_config(28, dim=28, dim_mults=(1, 2, 4), with_time_emb=False,
+                                     init_dim=5)

@@ -1,0 +1,1 @@
+"""The networks: the design's UNet, its checks, embeddings and convolutions, PyTorch weights."""

@@ -1,0 +1,1 @@
+"""Runtime plumbing: devices and the mesh, storage, console, metrics, CPU defaults, images."""

@@ -1,0 +1,1 @@
+"""Training: the jitted step, the host loop, the train state, checkpoints and preemption."""
