@@ -13,6 +13,8 @@ import pytest
 
 from ddpm_jax.runtime import cpu_defaults
 
+pytestmark = pytest.mark.newest_stack
+
 REPO = Path(__file__).resolve().parents[1]
 KNOWN = metadata.version("jaxlib").startswith(cpu_defaults.KNOWN_JAXLIB_RELEASES)
 
@@ -104,8 +106,6 @@ import ctypes, os, sys
 sys.path.insert(0, {repo!r})
 print("pid", os.getpid(), flush=True)
 from ddpm_jax.runtime import cpu_defaults
-
-pytestmark = pytest.mark.newest_stack
 cpu_defaults.apply_cpu_defaults(restart=True)
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
