@@ -30,16 +30,14 @@ is added to the PyTorch ResNet blocks where `ddpm_jax.models.unet` has it. The J
 step does more work than the PyTorch loop: it also updates an EMA of the
 weights and checks loss and gradients for NaN/inf.
 
-    .venv/bin/python bench/benchmark.py --configs fashion --out bench.json
-    .venv/bin/python bench/benchmark.py --quick ...        # CPU: few steps, scaled sampling
-    .venv/bin/python bench/benchmark.py --report a.json b.json   # one table from several runs
+    .venv/bin/python -m bench.benchmark --configs fashion --out bench.json
+    .venv/bin/python -m bench.benchmark --quick ...        # CPU: few steps, scaled sampling
+    .venv/bin/python -m bench.benchmark --report a.json b.json   # one table from several runs
 """
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from ddpm_jax.runtime import cpu_defaults  # noqa: E402
+from ddpm_jax.runtime import cpu_defaults
 
 # As train.py and sample.py run, for JAX and PyTorch alike (before JAX starts).
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")
@@ -61,12 +59,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import flops  # noqa: E402  (bench/, on sys.path as this script's directory)
+from bench import flops  # noqa: E402
+from bench.report import markdown_table  # noqa: E402
 from ddpm_jax import diffusion  # noqa: E402
 from ddpm_jax.models import unet  # noqa: E402
 from ddpm_jax.runtime import parallel  # noqa: E402
 from ddpm_jax.training import train_state  # noqa: E402
-from report import markdown_table  # noqa: E402
 from ddpm_jax.training.train_step import make_train_step  # noqa: E402
 from ddpm_jax.schedules import make_schedule  # noqa: E402
 
@@ -317,7 +315,7 @@ class TorchSide:
 
     def __init__(self):
         import torch
-        from tests.support import torch_ref_unet
+        from torch_reference import unet as torch_ref_unet
         self.torch, self.ref = torch, torch_ref_unet
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":

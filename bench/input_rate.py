@@ -12,20 +12,19 @@ decoded once, `TrainIterator` gathering batches).
 
 Compare either with the training images/s in BENCHMARKS.md.
 
-    .venv/bin/python bench/input_rate.py [--sizes 32,64] [--workers 0,1,2] [--batch 128]
-    .venv/bin/python bench/input_rate.py --dataset fashion_mnist
+    .venv/bin/python -m bench.input_rate [--sizes 32,64] [--workers 0,1,2] [--batch 128]
+    .venv/bin/python -m bench.input_rate --dataset fashion_mnist
 """
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from ddpm_jax.data import datasets, input_pipeline, streaming
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from ddpm_jax.data import datasets, input_pipeline, streaming  # noqa: E402
 
 
 class DdpmBenchImages(tfds.core.GeneratorBasedBuilder):

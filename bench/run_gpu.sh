@@ -53,7 +53,7 @@ run() {  # run <name> <time limit s> <benchmark args...>
   local name=$1 limit=$2
   shift 2
   echo "=== $name (limit ${limit}s): $* ${BENCH_ARGS:-}"
-  timeout --signal=TERM --kill-after=10 "$limit" "$PY" bench/benchmark.py "$@" \
+  timeout --signal=TERM --kill-after=10 "$limit" "$PY" -m bench.benchmark "$@" \
     --out "$OUT/$name.json" ${TRACE:+--trace-dir /tmp/traces} ${BENCH_ARGS:-}
   echo "=== $name exit $?"
 }
@@ -73,5 +73,5 @@ RUNS="${*:-fashion cifar10 fashion_nocb}"
       *) echo "unknown run $name; valid: fashion, cifar10, fashion_nocb"; exit 2 ;;
     esac
   done
-  "$PY" bench/benchmark.py --report "$OUT"/*.json | tee "$OUT/table.md"
+  "$PY" -m bench.benchmark --report "$OUT"/*.json | tee "$OUT/table.md"
 } 2>&1 | tee "$OUT/run.log"

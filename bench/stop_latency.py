@@ -7,7 +7,7 @@ seconds from the signal to the checkpoint's step directory appearing in
 and to the process's exit, with the step saved. docs/training.md has the
 numbers.
 
-    python bench/stop_latency.py --after_s=40 -- --config=configs/fashion.py \
+    python -m bench.stop_latency --after_s=40 -- --config=configs/fashion.py \
         --workdir=workdir/stop_measure --config.data.tfds_data_dir=.cache/tfds
 """
 import argparse

@@ -8,7 +8,7 @@ Three changes to the design's recipe, everything else number for number:
   v = alpha * eps - sigma * x0, well scaled at both ends of the schedule;
 - `diffusion.loss_weighting = "min_snr"`, gamma 5 (Hang et al. 2023).
 
-A best guess from the literature, not yet a measurement: bench/quality.py
+A best guess from the literature, not yet a measurement: experiments/quality/run.py
 compares each lever at an equal budget (docs/training.md).
 
     python train.py --config=configs/fashion_scaled_v_minsnr.py --workdir=runs/fashion_v

@@ -69,14 +69,14 @@ def test_tests_run_without_fusions_by_ynnpack():
 @pytest.mark.skipif(not KNOWN, reason="jaxlib without the flag")
 @pytest.mark.parametrize("entry_point", ["train", "sample"])
 def test_entry_points_turn_fusions_by_ynnpack_off_and_the_opt_out_keeps_them(entry_point):
-    code = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(Path(__file__).parent)!r}]; "
-            f"import {entry_point}, cpu_defaults_test; print(cpu_defaults_test._fusions_by_ynnpack())")
+    code = (f"import {entry_point}; from tests import cpu_defaults_test; "  # from REPO, on sys.path
+            f"print(cpu_defaults_test._fusions_by_ynnpack())")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     counts = []
     for opt_out in ("1", "0"):
         env[cpu_defaults.OPT_OUT_ENV] = opt_out
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, timeout=300, check=True).stdout
+                             text=True, timeout=300, check=True, cwd=REPO).stdout
         counts.append(int(out.split()[-1]))
     assert counts[0] == 0 and counts[1] > 0, counts
 
@@ -102,8 +102,7 @@ def _thp_mode():
 
 
 HUGE_PAGES_PROBE = """
-import ctypes, os, sys
-sys.path.insert(0, {repo!r})
+import ctypes, os
 print("pid", os.getpid(), flush=True)
 from ddpm_jax.runtime import cpu_defaults
 cpu_defaults.apply_cpu_defaults(restart=True)
@@ -122,7 +121,7 @@ print("tunables", os.environ.get("GLIBC_TUNABLES", "-"), "huge_kb", huge_kb)
 @pytest.mark.skipif(cpu_defaults.with_huge_pages({}) is None or _thp_mode() in (None, "never"),
                     reason="needs glibc >= 2.35 and transparent huge pages")
 def test_a_script_restarts_itself_once_with_malloc_on_huge_pages():
-    code = HUGE_PAGES_PROBE.format(repo=str(REPO))
+    code = HUGE_PAGES_PROBE
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     runs = {}
     for opt_out in ("1", "0"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpm_jax import diffusion, schedules
-from tests.support import torch_ref_diffusion as ref
+from torch_reference import diffusion as ref
 
 pytestmark = pytest.mark.newest_stack
 

@@ -74,14 +74,13 @@ def test_summary_mean_and_standard_error():
 @pytest.mark.subprocess
 def test_same_bound_on_eight_devices():
     script = textwrap.dedent("""
-        import json, sys
-        sys.path.insert(0, %r)
+        import json
         import jax
         from tests.evaluation_test import _images, _toy_bpd
         assert jax.device_count() == 8
         out = _toy_bpd(_images(11), batch_size=4)  # 4 rounds up to 8 per call: 2 calls
         print(json.dumps({k: v.tolist() for k, v in out.items()}))
-    """ % REPO)
+    """)  # run in the repository root, which `-c` puts on sys.path
     env = subprocess_env("--xla_force_host_platform_device_count=8")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env=env, cwd=REPO, timeout=300)

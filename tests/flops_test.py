@@ -1,15 +1,11 @@
 """bench/flops.py: the hand count of the UNet's FLOPs agrees with XLA's cost analysis."""
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
 
+from bench import flops
 from ddpm_jax.models import unet
-from tests.support.train_helpers import REPO, enable_compilation_cache
-
-sys.path.insert(0, str(REPO / "bench"))
-import flops  # noqa: E402
+from tests.support.train_helpers import enable_compilation_cache
 
 NETWORKS = {  # configs/tiny.py and configs/fashion.py
     "tiny": unet.Unet(dim=8, dim_mults=(1, 2), channels=1, use_convnext=False),

@@ -17,7 +17,7 @@ from flax.traverse_util import flatten_dict
 from ddpm_jax.evaluation import inception, suite
 from ddpm_jax.models import torch_weights, unet
 from ddpm_jax.runtime.parallel import make_mesh
-from tests.support.torch_ref_inception import BasicConv2d, FIDInceptionV3 as TorchFIDInceptionV3
+from torch_reference.inception import BasicConv2d, FIDInceptionV3 as TorchFIDInceptionV3
 from tests.support.train_helpers import tiny_config
 
 # torchvision's Inception3 without AuxLogits has 94 conv+BN layers: 5 tensors each

@@ -117,14 +117,14 @@ SKIPPED: Dict[str, str] = {
     "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m pytest -q tests":
         "the test suite itself: CI runs it (.ci/run)",
     "TFDS_DATA_DIR=.cache/tfds DDPM_JAX_MANUAL_DIR=../shared/data/fashion_mnist python "
-    "bench/quality.py --classifier_dir=workdir_quality/classifier --out_dir=workdir_quality/"
+    "-m experiments.quality.run --classifier_dir=workdir_quality/classifier --out_dir=workdir_quality/"
     "run1200 --steps 1200 --batch_size 64 --num_samples 400 --eval_at 400 800 --bpd_images 8 "
     "--torch_threads 2 --ema_start 0 --variants design-ddpm200-eq11 designnet-ddpm200-eq11 "
     "raw-ddpm200-eq11 ema-ddpm200-clip ema-ddpm200-eq11 raw-ddpm200-clip ema-ddim50-clip "
     "raw-ddim50-clip":
-        "71 minutes on a 2-core CPU; tests/bench_quality_test.py runs bench/quality.py on a "
+        "71 minutes on a 2-core CPU; tests/experiments_quality_test.py runs experiments/quality/run.py on a "
         "tiny budget",
-    "python bench/stop_latency.py --after_s=40 -- --config=configs/fashion.py "
+    "python -m bench.stop_latency --after_s=40 -- --config=configs/fashion.py "
     "--workdir=workdir/stop_measure":
         "a measurement of minutes on the design's network; tests/loop_test.py tests the "
         "bound it measures (at most two calls in flight)",

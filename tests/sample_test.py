@@ -12,7 +12,7 @@ from PIL import Image
 from configs import tiny
 from ddpm_jax.runtime import images
 from ddpm_jax.training import checkpointing
-from tests.support import torch_ref_unet
+from torch_reference import unet as torch_ref_unet
 from tests.support.train_helpers import filled_train_state
 
 pytestmark = pytest.mark.newest_stack

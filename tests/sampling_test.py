@@ -15,7 +15,7 @@ from ddpm_jax import diffusion, sampling, schedules
 from ddpm_jax.models import torch_weights
 from ddpm_jax.runtime import images
 from ddpm_jax.models.unet import Unet
-from tests.support import torch_ref_diffusion as ref
+from torch_reference import diffusion as ref
 from tests.support.train_helpers import subprocess_env
 
 pytestmark = pytest.mark.newest_stack

@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from ddpm_jax import diffusion, schedules
 from ddpm_jax.models import torch_weights, unet
-from tests.support import torch_ref_unet as ref
+from torch_reference import unet as ref
 
 FASHION = dict(dim=28, dim_mults=(1, 2, 4), channels=1)
 TINY = dict(dim=8, dim_mults=(1, 2), channels=1)

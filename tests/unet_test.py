@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from ddpm_jax.models import unet, unet_checks
 from ddpm_jax.models.torch_weights import abstract_params, torch_to_flax
-from tests.support import torch_ref_unet as ref
+from torch_reference import unet as ref
 
 pytestmark = pytest.mark.newest_stack
 

@@ -78,7 +78,7 @@ def train_step(state: TrainState, x_start: jax.Array, labels: Optional[jax.Array
 def step_draws(rng: jax.Array, step: jax.Array, x_start: jax.Array, num_timesteps: int):
     """The step's randomness: (per-example keys, timesteps [B], noise like x_start, dropout key).
 
-    A function of (rng, step, example index) only; bench/quality.py feeds the same
+    A function of (rng, step, example index) only; experiments/quality/run.py feeds the same
     draws to the PyTorch design so that both frameworks train on identical numbers.
     """
     step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)

@@ -1,9 +1,9 @@
 """Sample quality of training recipes and samplers at an equal budget, against the design.
 
-Trains one network per recipe (`quality_variants.RECIPES`: config overrides of --config,
+Trains one network per recipe (`variants.RECIPES`: config overrides of --config,
 e.g. the terminal-SNR schedule, the v / x0 objectives, Min-SNR weighting) and, unless
---no_torch, the design itself (the tests' reference: `tests/support/torch_ref_unet.py` and the loop
-of `tests/support/torch_ref_diffusion.py`, Adam, no EMA, on the CPU), all from the design's initial
+--no_torch, the design itself (the tests' reference: `torch_reference/unet.py` and the loop
+of `torch_reference/diffusion.py`, Adam, no EMA, on the CPU), all from the design's initial
 weights, on the same batches and with the same timesteps and noise (`train_step.step_draws`),
 for --steps steps of --batch_size. The design and the `design` recipe are one run in two
 frameworks, and differ only by float rounding. Then samples --num_samples images of each
@@ -11,7 +11,7 @@ variant of each network and scores them with the project's classifier: the Fréc
 distance of its features against the test split ("FD"), the entropy of the
 predicted-class histogram, the time per image of the sampler (`generate`'s sampling time,
 compilation excluded, / N) and, for the `design` recipe, bits/dim of --bpd_images test
-images. Variants (`quality_variants`), named `{recipe}/{params}-{sampler}-{step}`:
+images. Variants (`variants`), named `{recipe}/{params}-{sampler}-{step}`:
 
   design-ddpm200-eq11   the design's own code end to end: its network, its sampler
                         (Equation 11) in PyTorch, its own noise
@@ -39,18 +39,15 @@ Writes <out_dir>/quality.json (rewritten after each variant), <out_dir>/grids/
 classifier features) and, unless --no_params, <out_dir>/params.msgpack (the `design`
 recipe's final raw / EMA / design parameters), for re-analysis and re-sampling.
 
-    nice -n 10 python bench/quality.py --classifier_dir=CLS --out_dir=OUT
+    nice -n 10 python -m experiments.quality.run --classifier_dir=CLS --out_dir=OUT
     (CLS from `python train_classifier.py --output_dir=CLS`)
 
 Without TFDS (the lent GPU): --data_npz and a --classifier_dir .msgpack written by
-bench/quality_data.py; bench/run_gpu_quality.sh is the whole GPU call.
+experiments/quality/data.py; experiments/quality/run_gpu.sh is the whole GPU call.
 """
 import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from ddpm_jax.runtime import cpu_defaults  # noqa: E402
+from ddpm_jax.runtime import cpu_defaults
 
 cpu_defaults.apply_cpu_defaults(restart=__name__ == "__main__")  # before JAX starts
 
@@ -74,9 +71,8 @@ from ddpm_jax.runtime import images, parallel  # noqa: E402
 from ddpm_jax.training import train_state, train_step  # noqa: E402
 from ddpm_jax.schedules import make_schedule  # noqa: E402
 
-sys.path.insert(0, os.path.join(REPO, "bench"))
-import quality_data  # noqa: E402
-from quality_variants import (DESIGN_ONLY, RECIPES, REFERENCE, REFERENCE_RECIPE,  # noqa: E402
+from experiments.quality import data as quality_data  # noqa: E402
+from experiments.quality.variants import (DESIGN_ONLY, RECIPES, REFERENCE, REFERENCE_RECIPE,  # noqa: E402
                               PairedBootstrap, apply_overrides, compare, objective_kwargs,
                               parse_variant, table)
 
@@ -92,7 +88,7 @@ class Design:
     def __init__(self, config, seed: int, threads: int):
         import torch
 
-        from tests.support import torch_ref_diffusion, torch_ref_unet
+        from torch_reference import diffusion as torch_ref_diffusion, unet as torch_ref_unet
         self.torch, self.ref, self.config = torch, torch_ref_diffusion, config
         m = config.model
         # On a CPU shared with other processes use one thread: two OpenMP threads wait on
@@ -430,11 +426,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--classifier_dir", required=True,
                         help="a classifier saved by train_classifier.py, or its .msgpack "
-                             "written by bench/quality_data.py")
+                             "written by experiments/quality/data.py")
     parser.add_argument("--out_dir", required=True, help="where quality.json and grids/ go")
     parser.add_argument("--config", default="fashion", help="the base config, configs/<name>.py")
     parser.add_argument("--data_npz", default="",
-                        help="the train and test images as bench/quality_data.py writes them "
+                        help="the train and test images as experiments/quality/data.py writes them "
                              "(default: the config's dataset through TFDS)")
     parser.add_argument("--recipes", nargs="+", default=[REFERENCE_RECIPE],
                         help=f"networks to train: {', '.join(RECIPES)}")

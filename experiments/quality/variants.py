@@ -1,4 +1,4 @@
-"""What bench/quality.py trains and samples: recipes (config overrides), variants (parameters,
+"""What experiments/quality/run.py trains and samples: recipes (config overrides), variants (parameters,
 sampler, step) and the paired bootstrap that compares them.
 
 A recipe is a set of config overrides applied to the base config, one network each; the

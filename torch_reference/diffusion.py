@@ -1,6 +1,6 @@
 """The design document's diffusion code in PyTorch, minus signs restored.
 
-A test helper: the specification that ddpm_jax is checked against. It is
+The specification that ddpm_jax is checked against. It is
 written from the design document, "The Annotated Diffusion Model", with two changes
 that keep the arithmetic identical: the constants are computed in a chosen
 dtype (float64 for the schedule checks), and the noise of `p_sample` is passed

@@ -1,7 +1,5 @@
-"""bench/quality.py: the design and this project train on the same draws, and the paired
+"""experiments/quality/run.py: the design and this project train on the same draws, and the paired
 bootstrap ratio behind its comparisons."""
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -12,12 +10,8 @@ from ddpm_jax.models import torch_weights, unet
 from ddpm_jax.runtime import parallel
 from ddpm_jax.training import loop, train_state, train_step
 from ddpm_jax.schedules import make_schedule
+from experiments.quality import data as quality_data, run as quality, variants as quality_variants
 from tests.support.train_helpers import REPO, enable_compilation_cache, tiny_config
-
-sys.path.insert(0, str(REPO / "bench"))
-import quality  # noqa: E402
-import quality_data  # noqa: E402
-import quality_variants  # noqa: E402
 
 
 def test_design_and_project_train_on_the_same_draws(fashion_mnist_dirs):

@@ -1,10 +1,10 @@
-"""The data and classifier of bench/quality.py, portable to a machine without TFDS or Orbax's
+"""The data and classifier of experiments/quality/run.py, portable to a machine without TFDS or Orbax's
 format of this one (the lent GPU: no tensorflow_datasets, another Orbax and JAX).
 
 Run once here, through the project's own TFDS pipeline:
 
     TFDS_DATA_DIR=.cache/tfds DDPM_JAX_MANUAL_DIR=../shared/data/fashion_mnist \
-    python bench/quality_data.py --classifier_dir=CLS --out_dir=.gpu
+    python -m experiments.quality.data --classifier_dir=CLS --out_dir=.gpu
 
 writes `.gpu/fashion_mnist.npz` (train and test images as uint8, in the TFDS splits' order,
 with their labels: `quality.py --data_npz` trains on exactly the batches a TFDS run sees) and
@@ -16,16 +16,13 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 from flax import serialization
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from ddpm_jax.data import input_pipeline  # noqa: E402
-from ddpm_jax.evaluation import classifier, suite  # noqa: E402
-from ddpm_jax.training import loop  # noqa: E402
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.evaluation import classifier, suite
+from ddpm_jax.training import loop
 
 SPLITS = ("train", "test")
 
@@ -51,7 +48,7 @@ class NpzData:
             missing = {f"{s}_images" for s in SPLITS} - set(data.files)
             if missing:
                 raise ValueError(f"--data_npz={path} lacks {sorted(missing)}; it has "
-                                 f"{sorted(data.files)} (write it with bench/quality_data.py)")
+                                 f"{sorted(data.files)} (write it with experiments/quality/data.py)")
             self.arrays = {s: data[f"{s}_images"] for s in SPLITS}
         for split, images in self.arrays.items():
             if images.dtype != np.uint8 or images.shape[1:] != tuple(image_shape):

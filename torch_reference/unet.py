@@ -1,6 +1,6 @@
 """The design document's UNet in PyTorch, minus signs restored.
 
-A test helper: the specification that `ddpm_jax.models.unet` is checked against,
+The specification that `ddpm_jax.models.unet` is checked against,
 transcribed from the design document, "The Annotated Diffusion Model" ("Helper
 functions" to "Overall network"), whose text lost its minus signs. The
 restorations, from the math:
