@@ -101,6 +101,10 @@ CONDITIONAL = [
          ("dresses.png",)),
     Step("python sample.py --workdir=runs/fashion_cond --class_label=all --num_images=80", (),
          r"classes \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\](.*\n)*Wrote \S*samples\.png", ("samples.png",)),
+    Step("python sample.py --workdir=runs/fashion_cond --class_label=all --num_images=80 "
+         "--sampler=dpmpp --steps=20", (),
+         r"\(dpmpp, 20 steps, order 2, time spacing.*classes \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\]"
+         r"(.*\n)*Wrote \S*samples\.png", ("samples.png",)),
     Step("python evaluate.py --workdir=runs/fashion_cond --fid_samples=1000 --guidance=0,1,2,4 "
          "--classifier_dir=classifiers/fashion_mnist", ("--fid_samples=40", "--fid_reference_images=400"),
          r"step 20, guidance 4: (.*\n)*guidance curve: "
