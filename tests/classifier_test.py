@@ -22,6 +22,7 @@ def _run(args, fashion_mnist_dirs):
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_command_trains_saves_and_reloads(fashion_mnist_dirs, tmp_path):
     """A short real run (a tenth of the training set, one epoch) to keep CI fast; the full

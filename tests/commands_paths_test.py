@@ -82,6 +82,7 @@ def test_resolve_paths_makes_each_set_path_field_absolute(tmp_path, monkeypatch,
     assert config.training.compilation_cache_dir == ""  # '' = not set, not the cwd
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_train_py_relative_workdir_saves_stops_and_resumes(user, trained):
     cwd, _, _ = user
@@ -104,6 +105,7 @@ def test_train_py_relative_workdir_saves_stops_and_resumes(user, trained):
     assert not list(directory.glob("*tmp*"))  # no save left half-written
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_sample_py_relative_and_home_outputs(user, trained):
     cwd, env, _ = user
@@ -128,6 +130,7 @@ def classifier(user):
                     "--epochs=1", "--batch_size=64", "--min_accuracy=0")
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_train_classifier_py_relative_output_dir(user, classifier):
     cwd, _, _ = user
@@ -136,6 +139,7 @@ def test_train_classifier_py_relative_output_dir(user, classifier):
     assert (cwd / "classifiers" / "fashion" / "0").is_dir()
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_evaluate_py_relative_paths(user, trained, classifier):
     cwd, env, _ = user

@@ -1,4 +1,5 @@
-"""Fixtures shared by the test files: the real Fashion-MNIST, prepared once per machine."""
+"""Fixtures shared by the test files: the real Fashion-MNIST, prepared once per machine, and a
+tiny checkpoint."""
 import dataclasses
 import os
 from pathlib import Path
@@ -35,3 +36,31 @@ def fashion_mnist_dirs() -> TfdsDirs:
     datasets.prepare_tfds("fashion_mnist", data_dir=dirs.data_dir, manual_dir=dirs.manual_dir,
                           allow_download=False)
     return dirs
+
+
+@pytest.fixture(scope="module")  # one per test file: evaluate.py writes into it
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A workdir with one checkpoint of the tiny config, at step
+    `train_helpers.TINY_CHECKPOINT_STEP`, whose EMA parameters differ from the raw ones.
+
+    The state is filled with numpy draws (`create_train_state` would compile
+    the network's initialisation, which takes XLA:CPU about a minute).
+    """
+    import jax
+    import numpy as np
+
+    from configs import tiny
+    from ddpm_jax.training import checkpointing
+    from tests.support import train_helpers
+
+    config = tiny.get_config()
+    config.training.compilation_cache_dir = ""  # leave the user's cache alone
+    step = train_helpers.TINY_CHECKPOINT_STEP
+    state = train_helpers.filled_train_state(config)
+    state = state.replace(step=np.int32(step),
+                          ema_params=jax.tree.map(lambda p: 0.5 * p, state.params))
+    directory = tmp_path_factory.mktemp("run")
+    checkpointer = checkpointing.Checkpointer(str(directory), keep=1)
+    checkpointer.save(step, state, config)
+    checkpointer.close()
+    return directory

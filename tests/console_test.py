@@ -11,7 +11,8 @@ from absl import logging as absl_logging
 from ddpm_jax.data import input_pipeline
 from ddpm_jax.runtime import console
 from tests.support import train_helpers
-from tests.sample_test import STEP, workdir  # noqa: F401  (the tiny checkpoint fixture)
+
+STEP = train_helpers.TINY_CHECKPOINT_STEP
 
 pytestmark = pytest.mark.newest_stack
 
@@ -112,6 +113,7 @@ def test_describe_in_memory_and_streamed(fashion_mnist_dirs):
     assert "; streamed from disk by a thread (" in input_pipeline.describe(streamed, data, "train")
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_train_py_first_lines(fashion_mnist_dirs, tmp_path):
     """What a user sees before the first step: the data, then the compile, in plain lines."""
@@ -136,8 +138,8 @@ def test_train_py_first_lines(fashion_mnist_dirs, tmp_path):
 
 
 @pytest.mark.subprocess
-def test_sample_py_quiet_by_default(workdir, tmp_path):  # noqa: F811
-    args = [f"--workdir={workdir}", "--num_images=1", "--sampler=ddim", "--ddim_steps=1",
+def test_sample_py_quiet_by_default(tiny_checkpoint, tmp_path):
+    args = [f"--workdir={tiny_checkpoint}", "--num_images=1", "--sampler=ddim", "--ddim_steps=1",
             f"--output={tmp_path}/grid.png"]
     quiet = _run("sample.py", *args)
     assert _absl_info_sources(quiet) == [], quiet
@@ -150,8 +152,8 @@ def test_sample_py_quiet_by_default(workdir, tmp_path):  # noqa: F811
 
 
 @pytest.mark.subprocess
-def test_evaluate_py_quiet_by_default(workdir, fashion_mnist_dirs):  # noqa: F811
-    args = [f"--workdir={workdir}", "--bpd_images=4", "--bpd_batch_size=2",
+def test_evaluate_py_quiet_by_default(tiny_checkpoint, fashion_mnist_dirs):
+    args = [f"--workdir={tiny_checkpoint}", "--bpd_images=4", "--bpd_batch_size=2",
             f"--tfds_data_dir={fashion_mnist_dirs.data_dir}",
             f"--manual_dir={fashion_mnist_dirs.manual_dir}"]
     quiet = _run("evaluate.py", *args)
@@ -161,7 +163,7 @@ def test_evaluate_py_quiet_by_default(workdir, fashion_mnist_dirs):  # noqa: F81
                           r"(\d+) s left$", quiet, re.M)
     assert [p[:2] for p in progress] == [("1/2", "2/4"), ("2/2", "4/4")], quiet
     assert progress[-1][2] == "0"
-    assert f"results: {workdir}/eval/step_{STEP}.json" in quiet
+    assert f"results: {tiny_checkpoint}/eval/step_{STEP}.json" in quiet
 
     verbose = _run("evaluate.py", *args, "--verbosity=1")
     sources = _absl_info_sources(verbose)

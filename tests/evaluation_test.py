@@ -108,6 +108,7 @@ def test_validate_config_names_the_field():
         suite.validate_config(config)
 
 
+@pytest.mark.slow
 def test_evaluator_on_the_tiny_config(fashion_mnist_dirs, tmp_path):
     """Real test images, a tiny UNet, an untrained classifier: every number is produced."""
     config = tiny_config(fashion_mnist_dirs, sampling__sampler="ddim", sampling__steps=2)

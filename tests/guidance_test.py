@@ -231,6 +231,7 @@ def conditional_run(fashion_mnist_dirs, tmp_path_factory):
     return config, losses(workdir), state.params, state, workdir
 
 
+@pytest.mark.slow
 def test_conditional_resume_is_bitwise_exact_and_grids_show_a_row_per_class(conditional_run,
                                                                            tmp_path):
     config, reference_losses, _, reference_state, _ = conditional_run
@@ -248,6 +249,7 @@ def test_conditional_resume_is_bitwise_exact_and_grids_show_a_row_per_class(cond
     assert losses(tmp_path) == reference_losses
 
 
+@pytest.mark.slow
 def test_conditional_steps_per_call_follow_single_steps(conditional_run, tmp_path):
     """Images and labels stacked for k = 2 steps per call: the run follows the single-step
     one to float32 rounding (a scanned step compiles differently: docs/speed.md)."""
@@ -269,6 +271,7 @@ def test_conditional_steps_per_call_follow_single_steps(conditional_run, tmp_pat
         np.testing.assert_allclose(a, b, rtol=0, atol=bound)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_conditional_step_on_eight_devices_matches_one(conditional_run, tmp_path):
     config, reference_losses, params, _, _ = conditional_run
@@ -286,6 +289,7 @@ def _command(script, *args, expect_ok=True):
     return done
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_sample_command_one_class_per_row(conditional_run, tmp_path):
     workdir = conditional_run[4]
@@ -304,6 +308,7 @@ def test_sample_command_one_class_per_row(conditional_run, tmp_path):
     assert "--class_label: '10' is not a class in 0..9" in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_evaluate_command_sweeps_guidance(conditional_run, tmp_path):
     """Every per-class number and the curve from one command (an untrained classifier: the
@@ -330,6 +335,7 @@ def test_evaluate_command_sweeps_guidance(conditional_run, tmp_path):
     assert os.listdir(workdir / "eval" / "tensorboard")
 
 
+@pytest.mark.slow
 def test_a_short_real_run_learns_to_use_its_labels(fashion_mnist_dirs, tmp_path):
     """200 steps of the tiny conditional model (T = 200) on real Fashion-MNIST: its denoising
     loss on noisy test images (t >= 100) is lower with their true labels than with wrong ones,

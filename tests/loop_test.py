@@ -36,6 +36,7 @@ def _assert_bitwise_equal(a, b):
         assert x.dtype == y.dtype and np.array_equal(x, y), "states differ"
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_sigterm_mid_run_then_resume_is_bitwise_the_uninterrupted_run(reference, tmp_path):
     config, reference_dir, reference_state = reference
@@ -59,6 +60,7 @@ def test_sigterm_mid_run_then_resume_is_bitwise_the_uninterrupted_run(reference,
     assert losses(tmp_path) == losses(reference_dir)  # every step's loss, to the last bit
 
 
+@pytest.mark.slow
 def test_steps_per_call_preempted_then_resumed_is_bitwise_the_uninterrupted_run(reference,
                                                                                tmp_path):
     """k = 4 steps per compiled call: a stop mid-call ends at the call boundary, the resume is
@@ -104,6 +106,7 @@ def test_steps_per_call_preempted_then_resumed_is_bitwise_the_uninterrupted_run(
         assert np.max(np.abs(a - b)) <= bound
 
 
+@pytest.mark.slow
 def test_truncated_newest_checkpoint_falls_back_and_still_ends_bitwise_equal(
         reference, tmp_path, caplog):
     config, _, reference_state = reference
@@ -134,6 +137,7 @@ def _nan_at(config, bad_step):
     return factory
 
 
+@pytest.mark.slow
 def test_nan_step_leaves_the_state_unchanged_but_the_counters(reference):
     config = reference[0]
     model, optimizer = unet.create_model(config), train_state.make_optimizer(config)
@@ -152,6 +156,7 @@ def test_nan_step_leaves_the_state_unchanged_but_the_counters(reference):
                           (before.params, before.ema_params, before.opt_state, before.rng))
 
 
+@pytest.mark.slow
 def test_nan_batch_is_skipped_and_counted(reference, tmp_path, caplog):
     config = reference[0].copy_and_resolve_references()
     config.training.num_train_steps = 6
@@ -165,6 +170,7 @@ def test_nan_batch_is_skipped_and_counted(reference, tmp_path, caplog):
     assert "Skipped the update of step(s) [4]" in caplog.text
 
 
+@pytest.mark.slow
 def test_nan_batch_with_policy_stop_names_the_step_and_keeps_the_last_good_checkpoint(
         reference, tmp_path):
     config = reference[0].copy_and_resolve_references()
@@ -215,6 +221,7 @@ def test_in_flight_blocks_on_the_oldest_call_only_when_full():
         preemption.InFlight(0, limit=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps_per_call", [1, 4])
 def test_host_runs_at_most_two_calls_ahead_so_a_stop_waits_for_two(reference, tmp_path,
                                                                     monkeypatch, steps_per_call):

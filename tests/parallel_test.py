@@ -39,6 +39,7 @@ def _assert_same_run(workdir, config, one_device_losses, one_device_params):
         np.testing.assert_allclose(a, b, rtol=0, atol=bound)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_eight_simulated_devices_match_one(one_device, tmp_path):
     config, one_losses, one_params = one_device
@@ -55,6 +56,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(one_device, tmp_path):
     """Two processes on localhost (gloo CPU collectives), each reading half of each batch."""
     config, one_losses, one_params = one_device

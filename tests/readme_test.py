@@ -120,6 +120,10 @@ SKIPPED: Dict[str, str] = {
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && "
     "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m pytest -q tests":
         "the test suite itself: CI runs it (.ci/run)",
+    'python -m pytest -q tests -m "not slow"':
+        "a part of the suite by marker: CI runs the whole (.ci/run)",
+    'python -m pytest -q tests -m "not subprocess"':
+        "a part of the suite by marker: CI runs the whole (.ci/run)",
     "TFDS_DATA_DIR=.cache/tfds DDPM_JAX_MANUAL_DIR=../shared/data/fashion_mnist python "
     "-m experiments.quality.run --classifier_dir=workdir_quality/classifier --out_dir=workdir_quality/"
     "run1200 --steps 1200 --batch_size 64 --num_samples 400 --eval_at 400 800 --bpd_images 8 "
@@ -298,6 +302,7 @@ def _run(step: Step, checkout: Path, env: Dict[str, str], placeholders: Dict[str
     return output
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_readme_quick_start_as_written(user_checkout, tmp_path):
     """Train (offline, preparing the data), Ctrl-C, resume, sample, evaluate, then the docs'
@@ -316,6 +321,7 @@ def test_readme_quick_start_as_written(user_checkout, tmp_path):
     assert images.shape == (64, 28, 28, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_docs_conditional_quick_start(user_checkout, fashion_mnist_dirs):
     env = _environment(user_checkout, fashion_mnist_dirs.data_dir)

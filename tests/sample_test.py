@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -11,14 +10,13 @@ from PIL import Image
 
 from configs import tiny
 from ddpm_jax.runtime import images
-from ddpm_jax.training import checkpointing
 from torch_reference import unet as torch_ref_unet
-from tests.support.train_helpers import filled_train_state
+from tests.support import train_helpers
 
 pytestmark = pytest.mark.newest_stack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEP = 7
+STEP = train_helpers.TINY_CHECKPOINT_STEP
 
 
 def _sample(*args, expect_ok=True):
@@ -35,28 +33,10 @@ def _tiny_config():
     return config
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A checkpoint of the tiny config whose EMA parameters differ from the raw ones.
-
-    The state is filled with numpy draws (`create_train_state` would compile
-    the network's initialisation, which takes XLA:CPU about a minute).
-    """
-    config = _tiny_config()
-    state = filled_train_state(config)
-    state = state.replace(step=np.int32(STEP),
-                          ema_params=jax.tree.map(lambda p: 0.5 * p, state.params))
-    directory = tmp_path_factory.mktemp("run")
-    checkpointer = checkpointing.Checkpointer(str(directory), keep=1)
-    checkpointer.save(STEP, state, config)
-    checkpointer.close()
-    return directory
-
-
 @pytest.mark.subprocess
-def test_grid_gif_and_npz(workdir, tmp_path):
+def test_grid_gif_and_npz(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
-    done = _sample(f"--workdir={workdir}", "--num_images=10", "--nrow=4", "--seed=3",
+    done = _sample(f"--workdir={tiny_checkpoint}", "--num_images=10", "--nrow=4", "--seed=3",
                    f"--output={out}/grid.png", f"--save_npz={out}/samples.npz",
                    f"--gif={out}/denoise.gif", "--gif_images=3")
     assert f"step {STEP} (EMA parameters)" in done.stdout
@@ -76,7 +56,7 @@ def test_grid_gif_and_npz(workdir, tmp_path):
                                   images.make_grid(samples[:3], nrow=2)[..., 0])
 
     # Raw parameters and DDIM: other images; the GIF keeps 3 of the 5 DDIM steps.
-    done = _sample(f"--workdir={workdir}", "--num_images=10", "--nrow=4", "--seed=3",
+    done = _sample(f"--workdir={tiny_checkpoint}", "--num_images=10", "--nrow=4", "--seed=3",
                    "--use_ema=false", "--sampler=ddim", "--ddim_steps=5",
                    f"--output={out}/raw.png", f"--save_npz={out}/raw.npz",
                    f"--gif={out}/raw.gif", "--gif_images=2", "--gif_frames=3", "--chunk_size=4")
@@ -87,8 +67,8 @@ def test_grid_gif_and_npz(workdir, tmp_path):
 
 
 @pytest.mark.subprocess
-def test_dpmpp_grid_and_gif(workdir, tmp_path):
-    done = _sample(f"--workdir={workdir}", "--num_images=4", "--sampler=dpmpp", "--steps=20",
+def test_dpmpp_grid_and_gif(tiny_checkpoint, tmp_path):
+    done = _sample(f"--workdir={tiny_checkpoint}", "--num_images=4", "--sampler=dpmpp", "--steps=20",
                    f"--output={tmp_path}/grid.png", f"--save_npz={tmp_path}/samples.npz",
                    f"--gif={tmp_path}/denoise.gif", "--gif_images=2")
     # T = 20: 21 points from 19 to 0 round to 20 distinct timesteps, t = 0 left to the end.
@@ -100,10 +80,10 @@ def test_dpmpp_grid_and_gif(workdir, tmp_path):
 
 
 @pytest.mark.subprocess
-def test_clip_denoised_flag(workdir, tmp_path):
+def test_clip_denoised_flag(tiny_checkpoint, tmp_path):
     """--clip_denoised steps through x0 clipped to [-1, 1]: the images end in range."""
     for flag, clipped in (("--clip_denoised", True), ("--noclip_denoised", False)):
-        done = _sample(f"--workdir={workdir}", "--num_images=4", "--sampler=ddim",
+        done = _sample(f"--workdir={tiny_checkpoint}", "--num_images=4", "--sampler=ddim",
                        "--ddim_steps=5", flag, f"--output={tmp_path}/grid.png",
                        f"--save_npz={tmp_path}/samples.npz")
         assert ("x0 clipped" in done.stdout) == clipped
@@ -152,21 +132,21 @@ def test_clear_errors_without_a_checkpoint(args, message):
 
 
 @pytest.mark.subprocess
-def test_clear_errors_with_a_checkpoint(workdir, tmp_path):
+def test_clear_errors_with_a_checkpoint(tiny_checkpoint, tmp_path):
     (tmp_path / "checkpoints").mkdir()
     for args, message in [
         ([f"--workdir={tmp_path}"], "no checkpoint in"),
-        ([f"--workdir={workdir}", "--image_size=32"],
+        ([f"--workdir={tiny_checkpoint}", "--image_size=32"],
          "--image_size=32, but the model was trained on 28x28 images"),
-        ([f"--workdir={workdir}", "--sampler=ddim", "--ddim_steps=21"],
+        ([f"--workdir={tiny_checkpoint}", "--sampler=ddim", "--ddim_steps=21"],
          "--steps must be in [1, 20]"),
-        ([f"--workdir={workdir}", "--steps=3", "--ddim_steps=4"],
+        ([f"--workdir={tiny_checkpoint}", "--steps=3", "--ddim_steps=4"],
          "--steps and its older name --ddim_steps disagree"),
-        ([f"--workdir={workdir}", "--sampler=ddim", "--dynamic_threshold=0.9"],
+        ([f"--workdir={tiny_checkpoint}", "--sampler=ddim", "--dynamic_threshold=0.9"],
          "--dynamic_threshold applies to sampler 'dpmpp' only"),
-        ([f"--workdir={workdir}", "--config=configs/tiny.py"],
+        ([f"--workdir={tiny_checkpoint}", "--config=configs/tiny.py"],
          "--config goes with --torch_checkpoint only"),
-        ([f"--workdir={workdir}", f"--output={workdir}"], "is a directory"),
+        ([f"--workdir={tiny_checkpoint}", f"--output={tiny_checkpoint}"], "is a directory"),
     ]:
         done = _sample(*args, expect_ok=False)
         assert message in done.stderr, (args, done.stderr)

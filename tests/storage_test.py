@@ -106,6 +106,7 @@ def _run(script, args, env, cwd, timeout=300) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_training_evaluation_and_sampling_in_a_gs_workdir(fashion_mnist_dirs, gcs_emulator,
                                                           tmp_path):

@@ -90,6 +90,7 @@ def test_two_processes_read_disjoint_halves_of_the_one_process_batch(data_dir):
         assert not set(indices[:GB // 2]) & set(indices[GB // 2:])
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_sigterm_and_resume_on_the_streaming_path_is_bitwise_uninterrupted(
         data_dir, fashion_mnist_dirs, tmp_path):

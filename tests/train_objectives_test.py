@@ -17,6 +17,7 @@ STEPS = 4
 RECIPES = [("eps", "scaled", "min_snr"), ("x0", "zero", "none"), ("v", "zero", "min_snr")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,terminal_snr,loss_weighting", RECIPES)
 def test_each_objective_trains_and_resumes_bitwise(fashion_mnist_dirs, tmp_path, caplog,
                                                    objective, terminal_snr, loss_weighting):
@@ -50,6 +51,7 @@ def test_each_objective_trains_and_resumes_bitwise(fashion_mnist_dirs, tmp_path,
         schedules.make_schedule("linear", config.diffusion.timesteps, terminal_snr).betas)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_the_objectives_resumes_and_samples_as_eps(
         fashion_mnist_dirs, tmp_path):
     """A stored config without the diffusion fields of objectives and terminal SNR resumes

@@ -17,6 +17,7 @@ from tests.support.train_helpers import (enable_compilation_cache, read_events, 
                                  run_train_py, subprocess_env, tiny_config)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.newest_stack
 def test_train_py_trains_then_resumes(fashion_mnist_dirs, tmp_path):
@@ -66,6 +67,7 @@ def _check_tensorboard(workdir, expected_steps):
     assert png.size == (image.width, image.height) == (92, 92)
 
 
+@pytest.mark.slow
 def test_no_compilation_after_the_first_step(fashion_mnist_dirs, tmp_path):
     """Logging, checkpointing and resuming reuse the compiled step; nothing else compiles."""
     compiles = []
@@ -99,6 +101,7 @@ def test_no_compilation_after_the_first_step(fashion_mnist_dirs, tmp_path):
     assert [r["step"] for r in metrics_writer.read_metrics(str(tmp_path))] == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_a_slow_input_shows_as_input_wait(fashion_mnist_dirs, tmp_path):
     """input_wait_fraction: the share of each logged interval spent waiting for batches."""
     config = tiny_config(fashion_mnist_dirs, training__num_train_steps=6,

@@ -36,12 +36,16 @@ import tempfile
 import time
 import urllib.parse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from etils import epath
 from PIL import Image
 
 from ddpm_jax.runtime import storage
+
+if TYPE_CHECKING:  # the annotations' name; imported for real only where TFDS is used
+    import tensorflow_datasets as tfds
 
 # The TFDS datasets that the configs and tests use, each prepared from its official files.
 TFDS_DATASETS = ("fashion_mnist", "mnist", "cifar10")

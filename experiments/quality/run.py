@@ -17,7 +17,7 @@ images. Variants (`variants`), named `{recipe}/{params}-{sampler}-{step}`:
                         (Equation 11) in PyTorch, its own noise
   designnet-...         the design's network through this project's sampler
   {raw,ema,emaold}-...  this project: raw parameters, the EMA (with `optim.ema_warmup`) and
-                        the EMA without warmup (the behaviour before issue 14)
+                        the EMA without warmup (the behaviour before `optim.ema_warmup`)
   ...-{ddpm200,ddim50,dpmpp2m20,...}-{eq11,clip}  the sampler and its step
 
 --variants are sampled on the `design` recipe, --recipe_variants on every other one. Every

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Shared by the test processes and kept between test sessions (.cache/ is ignored by git):
 # the tiny network's programs compile once per machine.
 COMPILATION_CACHE = REPO / ".cache" / "jax_compilation_cache_tests"
+TINY_CHECKPOINT_STEP = 7  # the step of the `tiny_checkpoint` fixture (conftest.py)
 
 
 def enable_compilation_cache() -> None:
