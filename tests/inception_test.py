@@ -1,7 +1,7 @@
 """The Flax FID Inception against a PyTorch reference of pytorch-fid's network.
 
 No real weights exist on this machine, so equality is checked with weights
-ported from a randomly initialised reference (`torch_ref_inception`), whose
+ported from a randomly initialised reference (`torch_reference/inception.py`), whose
 state_dict keys are checked against names known from pytorch-fid's file.
 """
 import math

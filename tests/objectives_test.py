@@ -260,12 +260,18 @@ def test_config_refuses_eps_at_zero_terminal_snr_and_bad_choices():
         assert line in str(error.value)
 
 
-def test_the_design_config_keeps_the_design_and_the_recipe_changes_three_fields():
+def test_the_design_config_keeps_the_design_and_the_recipe_changes_three_fields_and_sampler():
     design, recipe = fashion.get_config(), fashion_scaled_v_minsnr.get_config()
     assert (design.diffusion.terminal_snr, design.diffusion.objective,
-            design.diffusion.loss_weighting) == ("design", "eps", "none")
-    changed = {k for k, v in recipe.diffusion.items() if design.diffusion[k] != v}
-    assert changed == {"terminal_snr", "objective", "loss_weighting"}
-    for k in ("terminal_snr", "objective", "loss_weighting"):
-        recipe.diffusion[k] = design.diffusion[k]
+            design.diffusion.loss_weighting, design.sampling.sampler) == (
+                "design", "eps", "none", "ddpm")
+    changed = {(section, k) for section in ("diffusion", "sampling")
+               for k, v in recipe[section].items() if design[section][k] != v}
+    assert changed == {("diffusion", "terminal_snr"), ("diffusion", "objective"),
+                       ("diffusion", "loss_weighting"), ("sampling", "sampler"),
+                       ("sampling", "steps"), ("sampling", "step_spacing")}
+    assert (recipe.sampling.sampler, recipe.sampling.steps, recipe.sampling.step_spacing) == (
+        "dpmpp", 20, "logsnr")
+    for section, k in changed:
+        recipe[section][k] = design[section][k]
     assert recipe.to_dict() == design.to_dict()

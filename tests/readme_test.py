@@ -120,6 +120,14 @@ SKIPPED: Dict[str, str] = {
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && "
     "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m pytest -q tests":
         "the test suite itself: CI runs it (.ci/run)",
+    "python -m experiments.quality.run --data_npz .gpu/fashion_mnist.npz --classifier_dir "
+    ".gpu/classifier.msgpack --out_dir workdir_quality/run1200_best --recipes design "
+    "scaled-v-minsnr --steps 1200 --batch_size 64 --num_samples 400 --bpd_images 0 --no_torch "
+    "--no_params --compile_threads 2 --variants raw-ddpm200-eq11 ema-ddpm200-clip "
+    "ema-dpmpp2m20-clip ema-dpmpp2m10-clip ema-dpmpp2m15-clip ema-ddim50-clip --recipe_variants "
+    "ema-ddpm200-clip ema-dpmpp2m20-clip ema-dpmpp2m10-clip ema-dpmpp2m15-clip ema-ddim50-clip":
+        "two hours on a 2-core CPU; tests/experiments_quality_test.py runs "
+        "experiments/quality/run.py on a tiny budget",
     'python -m pytest -q tests -m "not slow"':
         "a part of the suite by marker: CI runs the whole (.ci/run)",
     'python -m pytest -q tests -m "not subprocess"':

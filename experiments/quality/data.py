@@ -7,9 +7,9 @@ Run once here, through the project's own TFDS pipeline:
     python -m experiments.quality.data --classifier_dir=CLS --out_dir=.gpu
 
 writes `.gpu/fashion_mnist.npz` (train and test images as uint8, in the TFDS splits' order,
-with their labels: `quality.py --data_npz` trains on exactly the batches a TFDS run sees) and
+with their labels: `run.py --data_npz` trains on exactly the batches a TFDS run sees) and
 `.gpu/classifier.msgpack` (the classifier's parameters and record in Flax's msgpack, which
-any Flax reads; `quality.py --classifier_dir` takes it and writes it back as an Orbax
+any Flax reads; `run.py --classifier_dir` takes it and writes it back as an Orbax
 classifier with that machine's Orbax).
 """
 import argparse

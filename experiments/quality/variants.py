@@ -7,7 +7,7 @@ overrides name fields as `section.field`, and a field this checkout does not hav
 `{params}-{sampler}-{step}`, sampled on a recipe's network and named `{recipe}/{variant}`:
 
   params   design | designnet | raw | ema | emaold (design / designnet / emaold: the
-           `design` recipe only; see quality.py)
+           `design` recipe only; see run.py)
   sampler  ddpm{T} (ancestral, all T steps) | ddim{K} (K steps, eta 0) |
            dpmpp{order}m{N}[time] (DPM-Solver++ 2M or 3M, N network calls, steps uniform in
            log-SNR, or in time with the suffix `time`)
