@@ -136,6 +136,17 @@ def test_recipes_override_existing_fields_only(monkeypatch):
         quality_variants.apply_overrides(base, "best")
 
 
+def test_design_variants_are_checked_only_with_the_design_recipe(capsys):
+    """--variants (by default the PyTorch design's too) are sampled on the design recipe only:
+    a run of other recipes with --no_torch starts; one with the design is refused."""
+    common = ["--classifier_dir", str(REPO), "--out_dir", "unused", "--no_torch"]
+    assert quality.parse_args(common + ["--recipes", "scaled", "scaled-v"]).recipes == [
+        "scaled", "scaled-v"]
+    with pytest.raises(SystemExit):
+        quality.parse_args(common + ["--recipes", "design", "scaled"])
+    assert "variant design-ddpm200-eq11 needs the PyTorch design" in capsys.readouterr().err
+
+
 def test_npz_data_and_msgpack_classifier(tmp_path):
     """The carried forms of the data and the classifier read back as the originals."""
     from ddpm_jax.evaluation import classifier
@@ -173,3 +184,88 @@ def test_scores_and_features_match_the_plain_scores(fashion_mnist_dirs, tmp_path
     assert scores == scorer(images[:100])
     assert scores["classifier_fd"] == pytest.approx(fid.frechet_distance(
         fid.feature_statistics(features), scorer.reference), rel=1e-12)
+
+
+def _write_run(directory, recipes, features, reference, classifier_dir="c.msgpack", **changed):
+    """A finished run.py --out_dir: quality.json and features.npz of `features`."""
+    import json
+    args = {"classifier_dir": classifier_dir, "config": "fashion", "data_npz": "d.npz",
+            "override": [], "ema_start": None, "seed": 0, "steps": 1200, "batch_size": 64,
+            "steps_per_call": 1, "num_samples": 50, "bootstrap": 20, **changed}
+    variants = {name: {"classifier_fd": fid.frechet_distance(fid.feature_statistics(rows),
+                                                             reference)}
+                for name, rows in features.items()}
+    directory.mkdir()
+    (directory / "quality.json").write_text(json.dumps({
+        "args": args, "variants": variants, "train": {r: {"loss_last_25": 0.1} for r in recipes},
+        "reference": "design/raw-ddpm20-eq11" if "design" in recipes else None,
+        "recipes": {r: {"config": {"diffusion": {"timesteps": 20}}} for r in recipes},
+        "seconds": {"total": 1.0}}))
+    np.savez(directory / "features.npz", **features)
+    return str(directory)
+
+
+def test_combined_runs_compare_across_runs_as_one_run(tmp_path):
+    """Two runs with the same draws give the comparisons one run of both recipes gives; runs
+    that are not paired, share a recipe or were scored with another classifier are refused."""
+    from experiments.quality import combine
+    rng = np.random.default_rng(2)
+    reference = fid.feature_statistics(rng.normal(size=(1000, 4)))
+    design = {"design/raw-ddpm20-eq11": rng.normal(size=(50, 4)),
+              "design/ema-ddpm20-clip": rng.normal(size=(50, 4))}
+    scaled = {"scaled/ema-ddpm20-clip": rng.normal(size=(50, 4)) * 0.8,
+              "scaled/ema-dpmpp2m10-clip": rng.normal(size=(50, 4)) * 0.9}
+    first = _write_run(tmp_path / "a", ["design"], design, reference)
+    second = _write_run(tmp_path / "b", ["scaled"], scaled, reference)
+    combined = combine.combine([first, second], reference)
+    assert set(combined["recipes"]) == {"design", "scaled"}
+    assert combined["reference"] == "design/raw-ddpm20-eq11"
+    one_run = quality_variants.compare(quality_variants.PairedBootstrap(reference, 20),
+                                       {**design, **scaled}, {"design": 20, "scaled": 20}, None)
+    assert combined["comparisons"] == one_run
+    across = {(c["a"], c["b"]): c["ratio"] for c in combined["comparisons"]}
+    assert across["scaled/ema-ddpm20-clip", "design/raw-ddpm20-eq11"] == pytest.approx(
+        combined["variants"]["scaled/ema-ddpm20-clip"]["classifier_fd"]
+        / combined["variants"]["design/raw-ddpm20-eq11"]["classifier_fd"], rel=1e-12)
+    assert "| scaled/ema-dpmpp2m10-clip |" in quality_variants.table(combined)
+
+    other_budget = _write_run(tmp_path / "c", ["scaled-v"], scaled, reference, steps=400)
+    with pytest.raises(ValueError, match="--steps is 1200 in .*a and 400 in .*c"):
+        combine.combine([first, other_budget], reference)
+    with pytest.raises(ValueError, match="recipe 'design' is in both"):
+        combine.combine([first, _write_run(tmp_path / "d", ["design"], design, reference)],
+                        reference)
+    other = fid.feature_statistics(rng.normal(size=(1000, 4)) + 1.0)
+    with pytest.raises(ValueError, match="another classifier or test split"):
+        combine.combine([first, _write_run(tmp_path / "e", ["scaled"], scaled, other)],
+                        reference)
+
+
+def test_combine_command_from_the_runs_directory(tmp_path, monkeypatch, capsys):
+    """`python -m experiments.quality.combine a b --out_dir=ab` with the runs' relative paths:
+    the table of both, and a clear error for a directory without a finished run."""
+    from ddpm_jax.evaluation import classifier
+    from experiments.quality import combine
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(3)
+    arrays = {f"{split}_images": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+              for split, n in (("train", 10), ("test", 60))}
+    np.savez_compressed("d.npz", **arrays)
+    test_images = input_pipeline.to_float(arrays["test_images"])
+    model = classifier.Classifier(num_classes=10, features=(4,), hidden=8)
+    params = model.init(jax.random.key(0), test_images[:1])["params"]
+    classifier.save_classifier(str(tmp_path / "orbax"), model, params, {})
+    quality_data.export_classifier(str(tmp_path / "orbax"), "c.msgpack")
+    scorer = suite.ClassifierScorer(str(tmp_path / "orbax"), test_images)
+    features = lambda images: scorer.scores_and_features(images)[1]  # noqa: E731
+    _write_run(tmp_path / "a", ["design"], {"design/raw-ddpm20-eq11": features(
+        test_images[:50])}, scorer.reference)
+    _write_run(tmp_path / "b", ["scaled"], {"scaled/ema-ddpm20-clip": features(
+        test_images[10:60])}, scorer.reference)
+    combine.main(["a", "b", "--out_dir=ab"])
+    written = (tmp_path / "ab" / "table.md").read_text()
+    assert "| scaled/ema-ddpm20-clip |" in written and "| design/raw-ddpm20-eq11 |" in written
+    with pytest.raises(SystemExit):
+        combine.main(["a", "missing", "--out_dir=ab"])
+    assert "no quality.json and features.npz of a finished run in: missing" in (
+        capsys.readouterr().err)

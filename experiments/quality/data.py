@@ -65,6 +65,13 @@ class NpzData:
         return input_pipeline.to_float(self.arrays[split][:num_images])
 
 
+def open_data(config, data_npz: str = ""):
+    """--data_npz's splits when given, else the config's own dataset."""
+    if not data_npz:
+        return ConfigData(config)
+    return NpzData(data_npz, (config.data.image_size,) * 2 + (config.data.channels,))
+
+
 def classifier_dir(path: str, scratch_dir: str) -> str:
     """An Orbax classifier directory: `path` itself, or a .msgpack of `export` rewritten with
     this machine's Orbax under `scratch_dir`."""

@@ -267,9 +267,7 @@ def run(args) -> dict:
     eval_kwargs = parse_variant(f"raw-{args.eval_sampler}").sampler
     parallel.configure_compilation_cache(base)
     mesh = parallel.make_mesh()
-    image_shape = (base.data.image_size,) * 2 + (base.data.channels,)
-    data = (quality_data.NpzData(args.data_npz, image_shape) if args.data_npz
-            else quality_data.ConfigData(base))
+    data = quality_data.open_data(base, args.data_npz)
 
     test_images = data.images("test")
     scorer = suite.ClassifierScorer(
@@ -484,8 +482,9 @@ def parse_args(argv=None):
         parser.error(f"--eval_at steps must be in [1, --steps={args.steps}] and multiples of "
                      f"--steps_per_call={args.steps_per_call}")
     try:
-        for name in list(args.variants) + list(args.recipe_variants) + [
-                f"raw-{args.eval_sampler}"]:
+        # --variants are sampled on the design recipe only: without it they are not checked.
+        variants = list(args.variants) if REFERENCE_RECIPE in args.recipes else []
+        for name in variants + list(args.recipe_variants) + [f"raw-{args.eval_sampler}"]:
             params = parse_variant(name).params
             if params in DESIGN_ONLY and name in args.recipe_variants:
                 raise ValueError(f"--recipe_variants {name}: {params} exists on the design "
