@@ -42,6 +42,9 @@ recipe's final raw / EMA / design parameters), for re-analysis and re-sampling.
     nice -n 10 python -m experiments.quality.run --classifier_dir=CLS --out_dir=OUT
     (CLS from `python train_classifier.py --output_dir=CLS`)
 
+Runs of other recipes on the same draws (same budget, seed, data) combine into one table,
+compared image by image: `python -m experiments.quality.combine RUN_DIR RUN_DIR --out_dir=OUT`.
+
 Without TFDS (the lent GPU): --data_npz and a --classifier_dir .msgpack written by
 experiments/quality/data.py; experiments/quality/run_gpu.sh is the whole GPU call.
 """
