@@ -138,6 +138,22 @@ SKIPPED: Dict[str, str] = {
     "workdir_quality/run1200_levers --out_dir workdir_quality/run1200_all":
         "needs the two runs above; tests/experiments_quality_test.py runs the command on "
         "runs it writes",
+    "python -m experiments.quality.run --data_npz .gpu/fashion_mnist.npz --classifier_dir "
+    ".gpu/classifier.msgpack --out_dir workdir_quality/run1200_more --recipes scaled-eps-minsnr "
+    "scaled-x0 --steps 1200 --batch_size 64 --num_samples 400 --bpd_images 0 --no_torch "
+    "--no_params --compile_threads 2 --recipe_variants ema-dpmpp2m20-clip ema-ddpm200-clip":
+        "an hour and a half on a 2-core CPU; tests/experiments_quality_test.py runs "
+        "experiments/quality/run.py on a tiny budget",
+    "python -m experiments.quality.run --data_npz .gpu/fashion_mnist.npz --classifier_dir "
+    ".gpu/classifier.msgpack --out_dir workdir_quality/run1200_ref --recipes design --steps 1200 "
+    "--batch_size 64 --num_samples 400 --bpd_images 0 --no_torch --no_params --compile_threads 2 "
+    "--variants raw-ddpm200-eq11":
+        "42 minutes on a 2-core CPU; tests/experiments_quality_test.py runs "
+        "experiments/quality/run.py on a tiny budget",
+    "python -m experiments.quality.combine workdir_quality/run1200_ref "
+    "workdir_quality/run1200_more --out_dir workdir_quality/run1200_more_all":
+        "needs the two runs above; tests/experiments_quality_test.py runs the command on "
+        "runs it writes",
     'python -m pytest -q tests -m "not slow"':
         "a part of the suite by marker: CI runs the whole (.ci/run)",
     'python -m pytest -q tests -m "not subprocess"':
