@@ -24,7 +24,8 @@ def fashion_mnist_dirs() -> TfdsDirs:
     """Fashion-MNIST prepared from the official files into <repo>/.cache/tfds.
 
     The files come from $DDPM_JAX_MANUAL_DIR, else ../shared/data/fashion_mnist
-    next to the repository. Preparing (~20 s) happens on the first test run of
+    next to the repository; made absolute, since tests link to it from other directories
+    (the docs set the variable to a relative path). Preparing (~20 s) happens on the first test run of
     a machine; later runs and parallel workers reuse it.
     """
     from ddpm_jax.data import datasets
@@ -32,7 +33,7 @@ def fashion_mnist_dirs() -> TfdsDirs:
     dirs = TfdsDirs(
         data_dir=REPO / ".cache" / "tfds",
         manual_dir=Path(os.environ.get(datasets.MANUAL_DIR_ENV,
-                                       REPO.parent / "shared" / "data" / "fashion_mnist")))
+                                       REPO.parent / "shared" / "data" / "fashion_mnist")).absolute())
     datasets.prepare_tfds("fashion_mnist", data_dir=dirs.data_dir, manual_dir=dirs.manual_dir,
                           allow_download=False)
     return dirs
