@@ -23,17 +23,18 @@ class TfdsDirs:
 def fashion_mnist_dirs() -> TfdsDirs:
     """Fashion-MNIST prepared from the official files into <repo>/.cache/tfds.
 
-    The files come from $DDPM_JAX_MANUAL_DIR, else ../shared/data/fashion_mnist
-    next to the repository; made absolute, since tests link to it from other directories
-    (the docs set the variable to a relative path). Preparing (~20 s) happens on the first test run of
-    a machine; later runs and parallel workers reuse it.
+    The files come from $DDPM_JAX_MANUAL_DIR, else ../shared/data/fashion_mnist next to
+    the repository; the path is made absolute because tests link to it from other
+    directories and the docs set the variable relative. Preparing (~20 s) happens on the
+    first test run of a machine; later runs and parallel workers reuse it.
     """
     from ddpm_jax.data import datasets
 
     dirs = TfdsDirs(
         data_dir=REPO / ".cache" / "tfds",
         manual_dir=Path(os.environ.get(datasets.MANUAL_DIR_ENV,
-                                       REPO.parent / "shared" / "data" / "fashion_mnist")).absolute())
+                                       REPO.parent / "shared" / "data" / "fashion_mnist")
+                        ).absolute())
     datasets.prepare_tfds("fashion_mnist", data_dir=dirs.data_dir, manual_dir=dirs.manual_dir,
                           allow_download=False)
     return dirs

@@ -111,6 +111,9 @@ CONDITIONAL = [
          r"\S*runs/fashion_cond/eval/guidance_step_20\.png",
          ("runs/fashion_cond/eval/guidance_step_20.png",)),
 ]
+QUALITY_RUN = "tests/experiments_quality_test.py runs experiments/quality/run.py on a tiny budget"
+COMBINE = ("needs the two runs above; tests/experiments_quality_test.py runs the command on "
+           "runs it writes")
 CLOUD = "needs Google Cloud (gcloud, a bucket, a TPU VM); gs:// paths are tested against a " \
         "local Cloud Storage emulator in tests/storage_test.py"
 COND_CPU_RUN = ("docs/conditional.md's 6,000-step CPU run (about 45 minutes on a 2-core CPU) "
@@ -126,34 +129,28 @@ SKIPPED: Dict[str, str] = {
     "--no_params --compile_threads 2 --variants raw-ddpm200-eq11 ema-ddpm200-clip "
     "ema-dpmpp2m20-clip ema-dpmpp2m10-clip ema-dpmpp2m15-clip ema-ddim50-clip --recipe_variants "
     "ema-ddpm200-clip ema-dpmpp2m20-clip ema-dpmpp2m10-clip ema-dpmpp2m15-clip ema-ddim50-clip":
-        "two hours on a 2-core CPU; tests/experiments_quality_test.py runs "
-        "experiments/quality/run.py on a tiny budget",
+        f"two hours on a 2-core CPU; {QUALITY_RUN}",
     "python -m experiments.quality.run --data_npz .gpu/fashion_mnist.npz --classifier_dir "
     ".gpu/classifier.msgpack --out_dir workdir_quality/run1200_levers --recipes scaled scaled-v "
     "--steps 1200 --batch_size 64 --num_samples 400 --bpd_images 0 --no_torch --no_params "
     "--compile_threads 2 --recipe_variants ema-dpmpp2m20-clip ema-ddim50-clip ema-ddpm200-clip":
-        "two hours on a 2-core CPU; tests/experiments_quality_test.py runs "
-        "experiments/quality/run.py on a tiny budget",
+        f"two hours on a 2-core CPU; {QUALITY_RUN}",
     "python -m experiments.quality.combine workdir_quality/run1200_best "
     "workdir_quality/run1200_levers --out_dir workdir_quality/run1200_all":
-        "needs the two runs above; tests/experiments_quality_test.py runs the command on "
-        "runs it writes",
+        COMBINE,
     "python -m experiments.quality.run --data_npz .gpu/fashion_mnist.npz --classifier_dir "
     ".gpu/classifier.msgpack --out_dir workdir_quality/run1200_more --recipes scaled-eps-minsnr "
     "scaled-x0 --steps 1200 --batch_size 64 --num_samples 400 --bpd_images 0 --no_torch "
     "--no_params --compile_threads 2 --recipe_variants ema-dpmpp2m20-clip ema-ddpm200-clip":
-        "an hour and a half on a 2-core CPU; tests/experiments_quality_test.py runs "
-        "experiments/quality/run.py on a tiny budget",
+        f"an hour and a half on a 2-core CPU; {QUALITY_RUN}",
     "python -m experiments.quality.run --data_npz .gpu/fashion_mnist.npz --classifier_dir "
     ".gpu/classifier.msgpack --out_dir workdir_quality/run1200_ref --recipes design --steps 1200 "
     "--batch_size 64 --num_samples 400 --bpd_images 0 --no_torch --no_params --compile_threads 2 "
     "--variants raw-ddpm200-eq11":
-        "42 minutes on a 2-core CPU; tests/experiments_quality_test.py runs "
-        "experiments/quality/run.py on a tiny budget",
+        f"42 minutes on a 2-core CPU; {QUALITY_RUN}",
     "python -m experiments.quality.combine workdir_quality/run1200_ref "
     "workdir_quality/run1200_more --out_dir workdir_quality/run1200_more_all":
-        "needs the two runs above; tests/experiments_quality_test.py runs the command on "
-        "runs it writes",
+        COMBINE,
     'python -m pytest -q tests -m "not slow"':
         "a part of the suite by marker: CI runs the whole (.ci/run)",
     'python -m pytest -q tests -m "not subprocess"':
@@ -164,8 +161,7 @@ SKIPPED: Dict[str, str] = {
     "--torch_threads 2 --ema_start 0 --variants design-ddpm200-eq11 designnet-ddpm200-eq11 "
     "raw-ddpm200-eq11 ema-ddpm200-clip ema-ddpm200-eq11 raw-ddpm200-clip ema-ddim50-clip "
     "raw-ddim50-clip":
-        "71 minutes on a 2-core CPU; tests/experiments_quality_test.py runs experiments/quality/run.py on a "
-        "tiny budget",
+        f"71 minutes on a 2-core CPU; {QUALITY_RUN}",
     "python -m bench.stop_latency --after_s=40 -- --config=configs/fashion.py "
     "--workdir=workdir/stop_measure":
         "a measurement of minutes on the design's network; tests/loop_test.py tests the "
